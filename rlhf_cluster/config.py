@@ -1,0 +1,348 @@
+"""Typed run configuration: YAML files plus dotted command-line overrides.
+
+Everything is validated before any actor starts. An unknown key, a wrong type or an
+impossible combination raises :class:`ConfigError` naming the field, the value and
+the fix. Math never sees these objects: drivers unpack them into plain arguments.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------- roles
+
+
+class TrainerConfig(_Strict):
+    """A DeepSpeed-trained model (policy or critic): one Ray actor per data-parallel rank."""
+
+    model_name_or_path: str | None = Field(None, description="Local Hugging Face model directory.")
+    num_nodes: int = Field(1, ge=1, description="Nodes this role spans.")
+    num_gpus_per_node: int = Field(1, ge=1, description="Data-parallel ranks per node (one GPU each on GPU clusters).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer-state offload to CPU (stage >= 1).")
+    offload_params: bool = Field(False, description="ZeRO parameter offload to CPU (stage 3 only).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    learning_rate: float = Field(1e-6, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per rank per forward/backward.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.num_gpus_per_node
+
+    @model_validator(mode="after")
+    def _zero_offload(self) -> TrainerConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params=true needs zero_stage=3 (got zero_stage={self.zero_stage}); set zero_stage=3 or offload_params=false")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer=true needs zero_stage >= 1; set zero_stage=1, 2 or 3")
+        return self
+
+
+class ScorerConfig(_Strict):
+    """A frozen model that only runs forward passes (reference or reward model)."""
+
+    model_name_or_path: str | None = Field(None, description="Local Hugging Face model directory.")
+    num_nodes: int = Field(1, ge=1)
+    num_gpus_per_node: int = Field(1, ge=1, description="Replicas per node; the batch is split across replicas.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.num_gpus_per_node
+
+
+class RewardConfig(ScorerConfig):
+    """The reward: a scalar-head model, or a Python function ``module:function``."""
+
+    function: str | None = Field(
+        None,
+        description="'module:function' called as fn(prompts: list[str], responses: list[str]) -> list[float]; "
+        "replaces the reward model (rule-based rewards).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardConfig:
+        if self.function and self.model_name_or_path:
+            raise ValueError("set either reward.function or reward.model_name_or_path, not both")
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"reward.function must look like 'package.module:function', got {self.function!r}")
+        return self
+
+
+class RolloutConfig(_Strict):
+    """vLLM generation engines."""
+
+    num_engines: int = Field(1, ge=1, description="vLLM engines; prompts are spread across them.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine.")
+    n_samples_per_prompt: int = Field(1, ge=1, description="Responses sampled per prompt.")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, description="-1 disables top-k.")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM's share of GPU memory.")
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV-cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    enforce_eager: bool = Field(True, description="Skip CUDA-graph capture (faster start, slower decode).")
+
+
+class DataConfig(_Strict):
+    train_path: str | None = Field(None, description="JSONL, JSON, Parquet file or a datasets.save_to_disk directory.")
+    eval_path: str | None = Field(None, description="Held-out data in the same format.")
+    prompt_key: str = Field("prompt", description="Column holding the prompt (a string or chat messages).")
+    apply_chat_template: bool = Field(True, description="Wrap prompts with the tokenizer's chat template.")
+    max_prompt_length: int = Field(128, ge=1, description="Prompt token limit.")
+    max_response_length: int = Field(128, ge=1, description="Response token limit (supervised data).")
+    truncation: Literal["truncate", "error"] = Field(
+        "truncate", description="Over-long rows: 'truncate' (prompts keep their end, responses their start; counts reported) or 'error'."
+    )
+    shuffle: bool = True
+
+
+class AlgorithmConfig(_Strict):
+    """PPO-family settings (the math's hyper-parameters)."""
+
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount γ.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
+    clip_eps_low: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip below 1.")
+    clip_eps_high: float = Field(0.2, gt=0, description="PPO ratio clip above 1.")
+    dual_clip: float | None = Field(None, description="Dual-clip constant c > 1 for negative advantages, or null.")
+    value_clip: float | None = Field(0.2, description="Critic value clip ε, or null for an unclipped loss.")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
+    mini_batch_size: int = Field(16, ge=1, description="Sequences per optimizer step (all ranks together).")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_coef: float = Field(0.05, ge=0, description="β of the per-token KL penalty (initial value if adaptive).")
+    kl_controller: Literal["fixed", "adaptive"] = "fixed"
+    kl_target: float = Field(6.0, gt=0, description="Adaptive controller's target KL.")
+    kl_horizon: int = Field(10000, gt=0, description="Adaptive controller's horizon.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
+
+    @model_validator(mode="after")
+    def _dual_clip(self) -> AlgorithmConfig:
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 (got {self.dual_clip}); use e.g. 3.0 or null to disable")
+        return self
+
+
+class ScheduleConfig(_Strict):
+    num_steps: int = Field(10, ge=1, description="RL steps (rollout + update).")
+    prompts_per_step: int = Field(16, ge=1, description="Prompts per rollout.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    eval_every: int = Field(0, ge=0, description="Evaluate on data.eval_path every N steps (0: start and end only).")
+    eval_prompts: int = Field(32, ge=1, description="Held-out prompts per evaluation.")
+
+
+class ClusterConfig(_Strict):
+    address: str | None = Field(None, description="Existing Ray cluster ('auto' or 'ray://host:10001'); null starts a local one.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for the local Ray (default: all).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the cluster has GPUs.")
+    cpus_per_actor: float = Field(0.01, gt=0, description="CPU resource each actor reserves (CPU clusters).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    colocate_policy_reference: bool = Field(False, description="Reference replicas share the policy ranks' GPUs.")
+    colocate_critic_reward: bool = Field(False, description="Reward replicas share the critic ranks' GPUs.")
+
+
+# ----------------------------------------------------------------------------- run
+
+
+class RunConfig(_Strict):
+    method: Literal["ppo"] = Field("ppo", description="Which driver loop runs.")
+    seed: int = 0
+    output_dir: str = Field("runs/default", description="Checkpoints, metrics.jsonl, TensorBoard, plots.")
+    policy: TrainerConfig = Field(default_factory=lambda: TrainerConfig())
+    critic: TrainerConfig = Field(default_factory=lambda: TrainerConfig(learning_rate=1e-5))
+    reference: ScorerConfig = Field(default_factory=ScorerConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> RunConfig:
+        if self.policy.model_name_or_path is None:
+            raise ValueError("policy.model_name_or_path is required: point it at a local Hugging Face model directory")
+        if self.reference.model_name_or_path is None:
+            self.reference.model_name_or_path = self.policy.model_name_or_path
+        if self.reward.model_name_or_path is None and self.reward.function is None:
+            raise ValueError("the reward needs a source: set reward.model_name_or_path or reward.function='module:function'")
+        if self.critic.model_name_or_path is None and self.needs_critic:
+            # The usual initialisation: the critic starts from the reward model (or the policy).
+            self.critic.model_name_or_path = self.reward.model_name_or_path or self.policy.model_name_or_path
+        if self.data.train_path is None:
+            raise ValueError("data.train_path is required: a JSONL/JSON/Parquet file or a datasets directory of prompts")
+        a, r, s = self.algorithm, self.rollout, self.schedule
+        group = a.advantage_estimator in ("grpo", "rloo")
+        if group and r.n_samples_per_prompt < 2:
+            raise ValueError(
+                f"algorithm.advantage_estimator={a.advantage_estimator} compares samples of one prompt: "
+                f"set rollout.n_samples_per_prompt >= 2 (got {r.n_samples_per_prompt})"
+            )
+        batch = s.prompts_per_step * r.n_samples_per_prompt
+        if batch % a.mini_batch_size:
+            raise ValueError(
+                f"schedule.prompts_per_step × rollout.n_samples_per_prompt = {batch} sequences per step is not a multiple "
+                f"of algorithm.mini_batch_size={a.mini_batch_size}; pick a mini_batch_size that divides {batch}"
+            )
+        for role in ("policy", "critic") if self.needs_critic else ("policy",):
+            t: TrainerConfig = getattr(self, role)
+            if a.mini_batch_size % (t.micro_batch_size * t.world_size):
+                raise ValueError(
+                    f"algorithm.mini_batch_size={a.mini_batch_size} must be a multiple of {role}.micro_batch_size × ranks "
+                    f"= {t.micro_batch_size} × {t.world_size}; change one of them"
+                )
+        if self.data.max_prompt_length + r.max_new_tokens > 100_000:
+            raise ValueError("data.max_prompt_length + rollout.max_new_tokens is implausibly large")
+        return self
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.algorithm.advantage_estimator == "gae"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'policy.zero_stage=3'`` -> ``('policy.zero_stage', 3)`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value, e.g. policy.zero_stage=3")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key; write e.g. policy.zero_stage=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse the value ({e.__class__.__name__})") from None
+    return key, value
+
+
+def _known_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, f in model.model_fields.items():
+        out.append(prefix + name)
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(_known_fields(ann, prefix + name + "."))
+    return out
+
+
+def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
+    known = _known_fields(model)
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(loc, known, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else "; run `rlhf-cluster config` to list the fields"
+            lines.append(f"unknown field '{loc}'{hint}")
+        elif loc:
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+        else:
+            lines.append(e["msg"].removeprefix("Value error, "))
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Merge a YAML file (optional) with dotted overrides and validate the result."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections at the top level")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return build_config(tree)
+
+
+def build_config(tree: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, RunConfig)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- preflight
+
+
+def _check_model_dir(field: str, path: str | None) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ConfigError(
+            f"{field}={path!r} is not a local Hugging Face model directory (no config.json there); "
+            "models load from disk only — build a tiny one with `rlhf-cluster build-tiny DIR`"
+        )
+
+
+def resolve_function(spec: str):
+    """Import ``'package.module:function'`` and return the callable."""
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ConfigError(f"reward.function={spec!r}: cannot import module {mod_name!r} ({e})") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise ConfigError(f"reward.function={spec!r}: module {mod_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Checks that need the file system: run before any actor starts."""
+    _check_model_dir("policy.model_name_or_path", cfg.policy.model_name_or_path)
+    _check_model_dir("reference.model_name_or_path", cfg.reference.model_name_or_path)
+    _check_model_dir("reward.model_name_or_path", cfg.reward.model_name_or_path)
+    if cfg.needs_critic:
+        _check_model_dir("critic.model_name_or_path", cfg.critic.model_name_or_path)
+    for field in ("train_path", "eval_path"):
+        path = getattr(cfg.data, field)
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"data.{field}={path!r} does not exist")
+    if cfg.reward.function:
+        resolve_function(cfg.reward.function)

@@ -1,0 +1,79 @@
+"""Typed batch records passed between the driver and the workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class Experience:
+    """One rollout batch in the experience layout ``[left-padded prompt | right-padded response]``.
+
+    B sequences, P prompt slots, A response slots. Optional fields are filled phase by phase.
+    """
+
+    input_ids: torch.Tensor  # (B, P+A) token ids
+    attention_mask: torch.Tensor  # (B, P+A) 1 on real tokens
+    action_mask: torch.Tensor  # (B, A) 1 on response tokens
+    rollout_logprobs: torch.Tensor | None = None  # (B, A) log π_vllm(a_t|s_t) from the engine
+    old_logprobs: torch.Tensor | None = None  # (B, A) log π_old(a_t|s_t) from the policy trainer
+    ref_logprobs: torch.Tensor | None = None  # (B, A) log π_ref(a_t|s_t)
+    values: torch.Tensor | None = None  # (B, A) V(s_t)
+    scores: torch.Tensor | None = None  # (B,) r(x, y)
+    token_rewards: torch.Tensor | None = None  # (B, A) r_t = −β·KL_t (+ r at the last token)
+    advantages: torch.Tensor | None = None  # (B, A) A_t
+    returns: torch.Tensor | None = None  # (B, A) R_t
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_actions(self) -> int:
+        return self.action_mask.shape[1]
+
+    def select(self, idx: torch.Tensor | slice) -> Experience:
+        """Rows ``idx`` of every tensor field."""
+        return replace(self, **{f.name: (v[idx] if (v := getattr(self, f.name)) is not None else None) for f in fields(self)})
+
+    def chunk(self, n: int) -> list[Experience]:
+        """Split into ``n`` contiguous equal parts (one per data-parallel rank)."""
+        if self.batch_size % n:
+            raise ValueError(f"batch of {self.batch_size} sequences does not split into {n} equal parts")
+        k = self.batch_size // n
+        return [self.select(slice(i * k, (i + 1) * k)) for i in range(n)]
+
+    def to(self, device) -> Experience:
+        return replace(self, **{f.name: (v.to(device) if (v := getattr(self, f.name)) is not None else None) for f in fields(self)})
+
+    @staticmethod
+    def cat(parts: list[Experience]) -> Experience:
+        out = {}
+        for f in fields(Experience):
+            vals = [getattr(p, f.name) for p in parts]
+            out[f.name] = None if any(v is None for v in vals) else torch.cat(vals)
+        return Experience(**out)
+
+
+def build_experience(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+                     rollout_logprobs: list[list[float]] | None = None) -> Experience:
+    """Pack prompts (left-padded) and responses (right-padded) into the experience layout."""
+    B = len(prompt_ids)
+    P = max(len(p) for p in prompt_ids)
+    A = max(1, max(len(r) for r in response_ids))
+    ids = torch.full((B, P + A), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + A), dtype=torch.long)
+    amask = torch.zeros((B, A), dtype=torch.float32)
+    lps = torch.zeros((B, A), dtype=torch.float32) if rollout_logprobs is not None else None
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        ids[i, P - len(p) : P] = torch.tensor(p)
+        attn[i, P - len(p) : P] = 1
+        if r:
+            ids[i, P : P + len(r)] = torch.tensor(r)
+            attn[i, P : P + len(r)] = 1
+            amask[i, : len(r)] = 1
+            if lps is not None:
+                lps[i, : len(r)] = torch.tensor(rollout_logprobs[i], dtype=torch.float32)
+    return Experience(input_ids=ids, attention_mask=attn, action_mask=amask, rollout_logprobs=lps)

@@ -1,0 +1,97 @@
+"""Loading models from local Hugging Face directories, and their forward passes.
+
+Sequence layout used everywhere (the *experience* layout): each row is
+``[left-padded prompt (P) | right-padded response (A)]``, so every per-action tensor
+is ``(B, A)`` and lines up across the policy, reference and critic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhf_cluster.algos.core import logprobs_from_logits
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow and imprecise)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def check_model_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{str(p)!r} is not a local Hugging Face model directory (no config.json)")
+    return p
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(check_model_dir(path)))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A causal LM (policy or reference) from a local directory."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(check_model_dir(path)), dtype=dtype)
+
+
+def load_scalar_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The backbone with a one-output ``score`` head (reward model or critic).
+
+    A causal-LM directory loads too (its backbone, with a freshly initialised head):
+    the usual way to start a critic or a reward model from an SFT policy.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(check_model_dir(path)), num_labels=1, dtype=dtype)
+    if not hasattr(model, "score"):
+        raise ValueError(f"{path}: scalar models need a 'score' head (Llama/Qwen/Mistral-style); got {type(model).__name__}")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) positions counting only real tokens, so left padding does not shift RoPE."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def action_logprobs_and_entropy(model, input_ids, attention_mask, num_actions: int, with_entropy: bool = False):
+    """log π(a_t|s_t) for the last ``num_actions`` tokens: (B, A), and optionally entropy (B, A)."""
+    from rlhf_cluster.algos.core import entropy_from_logits
+
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
+    logits = out.logits[:, -num_actions - 1 : -1].float()
+    logp = logprobs_from_logits(logits, input_ids[:, -num_actions:])
+    return logp, (entropy_from_logits(logits) if with_entropy else None)
+
+
+def token_values(model, input_ids, attention_mask, num_actions: int) -> torch.Tensor:
+    """Critic values V(s_t) at the states that emit the last ``num_actions`` tokens: (B, A)."""
+    backbone = getattr(model, model.base_model_prefix)
+    h = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    return model.score(h[:, -num_actions - 1 : -1]).squeeze(-1).float()
+
+
+def sequence_scores(model, input_ids, attention_mask) -> torch.Tensor:
+    """Reward r(x, y): the score head at each row's last real token: (B,)."""
+    backbone = getattr(model, model.base_model_prefix)
+    h = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    L = attention_mask.shape[1]
+    last = L - 1 - attention_mask.flip(-1).long().argmax(-1)  # index of the last 1 in each row
+    return model.score(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1).float()

@@ -1,0 +1,271 @@
+"""DeepSpeed trainers: the policy (causal LM) and the critic (per-token values).
+
+Plain classes: one instance is one data-parallel rank. They run in one process
+without Ray (tests, single-GPU checks) or inside a Ray actor (cluster layer).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhf_cluster.algos.core import masked_mean
+from rlhf_cluster.algos.ppo import ppo_policy_loss, ppo_value_loss
+from rlhf_cluster.experience import Experience
+from rlhf_cluster.models import (
+    action_logprobs_and_entropy,
+    load_causal_lm,
+    load_scalar_model,
+    load_tokenizer,
+    pick_device,
+    resolve_dtype,
+    token_values,
+)
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    """Join (or create) the default process group: nccl on GPU, gloo on CPU."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != world_size:
+            raise RuntimeError(f"process group already has {dist.get_world_size()} ranks, asked for {world_size}")
+        return
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
+        MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+    )
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size,
+                               init_method=f"tcp://{master_addr}:{master_port}")
+
+
+def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, offload_params: bool, micro_batch_size: int,
+                     mini_batch_size: int, world_size: int, max_grad_norm: float, dtype: torch.dtype) -> dict:
+    """The DeepSpeed config dict for one trainer. mini_batch_size is global (all ranks)."""
+    gas = mini_batch_size // (micro_batch_size * world_size)
+    zero: dict = {"stage": zero_stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=0)
+    return {
+        "train_batch_size": mini_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        # We pass a torch AdamW: DeepSpeed's fused CPU Adam needs a compiled op that CPU wheels lack.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class _DeepSpeedTrainer:
+    """What the policy and the critic share: the engine, the mini-batch loop, saving and loading."""
+
+    def __init__(self, *, model_path: str, rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
+                 master_port: int = 29500, zero_stage: int = 2, offload_optimizer: bool = False,
+                 offload_params: bool = False, gradient_checkpointing: bool = False, learning_rate: float = 1e-6,
+                 weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.9, 0.95), max_grad_norm: float = 1.0,
+                 warmup_steps: int = 0, micro_batch_size: int = 4, mini_batch_size: int = 16, dtype: str = "auto",
+                 seed: int = 0):
+        import deepspeed
+
+        self.rank, self.world_size = rank, world_size
+        self.model_path = model_path
+        self.micro_batch_size = micro_batch_size
+        self.mini_batch_size = mini_batch_size
+        self.seed = seed
+        if mini_batch_size % (micro_batch_size * world_size):
+            raise ValueError(f"mini_batch_size {mini_batch_size} is not a multiple of micro_batch_size × ranks "
+                             f"= {micro_batch_size} × {world_size}")
+        init_distributed(rank, world_size, master_addr, master_port)
+        torch.manual_seed(seed)  # same initial head on every rank
+        self.device = pick_device()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.ds_config = deepspeed_config(
+            zero_stage=zero_stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
+            micro_batch_size=micro_batch_size, mini_batch_size=mini_batch_size, world_size=world_size,
+            max_grad_norm=max_grad_norm, dtype=self.dtype)
+        if zero_stage == 3:
+            # Lets from_pretrained partition weights as they load instead of materialising them on every rank.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        model = self._load_model(model_path, self.dtype)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=tuple(adam_betas), weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=sched, config=self.ds_config)
+        self.tokenizer = load_tokenizer(model_path) if rank == 0 else None
+        self.update_count = 0
+
+    # --- subclasses -----------------------------------------------------------------
+    def _load_model(self, path: str, dtype: torch.dtype):
+        raise NotImplementedError
+
+    # --- shared loop ----------------------------------------------------------------
+    def _micro_batches(self, exp: Experience):
+        for i in range(0, exp.batch_size, self.micro_batch_size):
+            yield exp.select(slice(i, i + self.micro_batch_size)).to(self.device)
+
+    def _train_epochs(self, exp: Experience, epochs: int, loss_fn: Callable, capture_grads: bool = False) -> dict:
+        """Shuffled mini-batches of this rank's shard, ``epochs`` times; one optimizer step per mini-batch.
+
+        ``loss_fn(micro: Experience) -> (loss, stats)``. Returns the mean of each stat, plus
+        the first mini-batch's full gradients when ``capture_grads`` (used by the tests that
+        compare data-parallel layouts).
+        """
+        per_rank = self.mini_batch_size // self.world_size
+        if exp.batch_size % per_rank:
+            raise ValueError(f"rank shard of {exp.batch_size} sequences is not a multiple of the per-rank mini-batch {per_rank}")
+        self.engine.train()
+        sums: dict[str, float] = {}
+        n = 0
+        grads = None
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.update_count)
+        t0 = time.perf_counter()
+        tokens = 0
+        for _ in range(epochs):
+            order = torch.randperm(exp.batch_size, generator=gen)
+            for start in range(0, exp.batch_size, per_rank):
+                mini = exp.select(order[start : start + per_rank])
+                micros = list(self._micro_batches(mini))
+                for j, micro in enumerate(micros):
+                    loss, stats = loss_fn(micro)
+                    self.engine.backward(loss)
+                    if capture_grads and grads is None and j == len(micros) - 1:
+                        grads = self._full_grads()
+                    self.engine.step()
+                    tokens += int(micro.attention_mask.sum())
+                    for k, v in {"loss": loss, **stats}.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    n += 1
+        self.update_count += 1
+        out = {k: v / max(n, 1) for k, v in sums.items()}
+        out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        out["lr"] = float(self.engine.get_lr()[0])
+        out["train_tokens"] = tokens
+        out["train_seconds"] = time.perf_counter() - t0
+        if capture_grads:
+            out["grads"] = grads
+        return out
+
+    def _full_grads(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_grad
+
+        return {name: safe_get_full_grad(p).detach().float().cpu().clone() for name, p in self.engine.module.named_parameters()}
+
+    # --- weights --------------------------------------------------------------------
+    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights on CPU, gathered across ZeRO-3 partitions. Every rank must call; rank 0 gets them."""
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.parameters())
+        out = {}
+        if self.ds_config["zero_optimization"]["stage"] == 3:
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                if self.rank == 0:
+                    out = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        elif self.rank == 0:
+            out = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return out if self.rank == 0 else None
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """A Hugging Face directory (weights, config, tokenizer) that every loader here accepts."""
+        state = self.export_state_dict()
+        if self.rank == 0:
+            out = Path(out_dir)
+            tmp = out.with_name(out.name + ".tmp")
+            self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            _replace_dir(tmp, out)
+
+    def save_checkpoint(self, ckpt_dir: str | Path, tag: str) -> None:
+        """Optimizer, scheduler and ZeRO partitions, for resuming. Every rank must call."""
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"update_count": self.update_count})
+
+    def load_checkpoint(self, ckpt_dir: str | Path, tag: str) -> None:
+        _, client = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if client is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {ckpt_dir}")
+        self.update_count = client.get("update_count", 0)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Swap a finished directory into place so a crash never leaves half a checkpoint under ``out``."""
+    import shutil
+
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+class PolicyTrainer(_DeepSpeedTrainer):
+    """π_θ: log-probs of the sampled tokens and the PPO clipped-surrogate update."""
+
+    def _load_model(self, path, dtype):
+        return load_causal_lm(path, dtype)
+
+    @torch.no_grad()
+    def logprobs(self, exp: Experience) -> torch.Tensor:
+        """log π_θ(a_t|s_t): (B, A) for this rank's shard."""
+        self.engine.eval()
+        out = [action_logprobs_and_entropy(self.engine, m.input_ids, m.attention_mask, exp.num_actions)[0].cpu()
+               for m in self._micro_batches(exp)]
+        return torch.cat(out)
+
+    def ppo_update(self, exp: Experience, *, clip_eps_low: float, clip_eps_high: float, dual_clip: float | None,
+                   entropy_coef: float, epochs: int, capture_grads: bool = False) -> dict:
+        def loss_fn(m: Experience):
+            logp, ent = action_logprobs_and_entropy(self.engine, m.input_ids, m.attention_mask, m.num_actions, with_entropy=True)
+            pg_loss, stats = ppo_policy_loss(logp, m.old_logprobs, m.advantages, m.action_mask,
+                                             clip_eps_low, clip_eps_high, dual_clip)
+            entropy = masked_mean(ent, m.action_mask)
+            loss = pg_loss - entropy_coef * entropy
+            return loss, {"pg_loss": pg_loss.detach(), "entropy": entropy.detach(), **stats}
+
+        return self._train_epochs(exp, epochs, loss_fn, capture_grads)
+
+
+class CriticTrainer(_DeepSpeedTrainer):
+    """V_φ: per-token values and the clipped value-loss update."""
+
+    def _load_model(self, path, dtype):
+        return load_scalar_model(path, dtype)
+
+    @torch.no_grad()
+    def values(self, exp: Experience) -> torch.Tensor:
+        """V_φ(s_t): (B, A) for this rank's shard."""
+        self.engine.eval()
+        return torch.cat([token_values(self.engine.module, m.input_ids, m.attention_mask, exp.num_actions).cpu()
+                          for m in self._micro_batches(exp)])
+
+    def value_update(self, exp: Experience, *, value_clip: float | None, epochs: int) -> dict:
+        def loss_fn(m: Experience):
+            v = token_values(self.engine.module, m.input_ids, m.attention_mask, m.num_actions)
+            loss, stats = ppo_value_loss(v, m.values, m.returns, m.action_mask, value_clip)
+            return loss, stats
+
+        return self._train_epochs(exp, epochs, loss_fn)

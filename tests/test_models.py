@@ -1,0 +1,43 @@
+"""The tiny-model factory writes ordinary HF directories that the real loaders accept."""
+
+import torch
+
+from rlhf_cluster.models import load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores, token_values
+from rlhf_cluster.rewards import sentiment
+from rlhf_cluster.tiny import build_tiny_model
+
+
+def test_tiny_models_are_deterministic_and_loadable(tmp_path, tiny_model_dir):
+    again = build_tiny_model(tmp_path / "again")
+    a, b = load_causal_lm(tiny_model_dir), load_causal_lm(again)
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+    assert a.config.hidden_size // a.config.num_attention_heads == 64  # vLLM CPU kernels need head_dim 64
+    tok = load_tokenizer(tiny_model_dir)
+    assert (tiny_model_dir / "tokenizer.json").read_text() == (again / "tokenizer.json").read_text()
+    text = tok.apply_chat_template([{"role": "user", "content": "describe the cat"}], add_generation_prompt=True, tokenize=False)
+    assert text == "<|user|>describe the cat</s><|assistant|>"
+    assert tok.decode(tok("the cat is very good").input_ids) == "the cat is very good"
+
+
+def test_scalar_model_values_and_scores(tmp_path):
+    path = build_tiny_model(tmp_path / "rm", kind="scalar", seed=1)
+    m = load_scalar_model(path)
+    ids = torch.tensor([[0, 0, 7, 8, 9, 10], [0, 5, 6, 7, 8, 0]])
+    attn = (torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0]]))
+    v = token_values(m, ids, attn, num_actions=3)
+    assert v.shape == (2, 3)
+    s = sequence_scores(m, ids, attn)
+    # The score is the head at the last real token: row 0 position 5, row 1 position 4.
+    from rlhf_cluster.models import position_ids
+    h = m.model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).last_hidden_state
+    assert torch.allclose(s, torch.stack([m.score(h[0, 5]), m.score(h[1, 4])]).squeeze(-1), atol=1e-6)
+
+
+def test_causal_lm_dir_loads_as_scalar_model(tiny_model_dir):
+    m = load_scalar_model(tiny_model_dir)  # critic initialised from a policy checkpoint
+    assert m.score.out_features == 1
+
+
+def test_sentiment_reward():
+    assert sentiment(["p"] * 4, ["good great", "bad day", "", "good bad cat x"]) == [1.0, -0.5, 0.0, 0.0]
