@@ -33,7 +33,7 @@ CHAT_TEMPLATE = (
 class TinySpec:
     """Shape of a tiny Llama. head_dim = hidden_size / num_heads must be 64 for vLLM CPU."""
 
-    vocab_size: int = 512
+    vocab_size: int = 1024
     hidden_size: int = 128
     intermediate_size: int = 256
     num_layers: int = 2
@@ -42,7 +42,7 @@ class TinySpec:
     max_position_embeddings: int = 512
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512):
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 1024):
     """Train a byte-level BPE tokenizer on the bundled corpus and save it to ``out_dir``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

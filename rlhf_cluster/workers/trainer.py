@@ -153,7 +153,7 @@ class _DeepSpeedTrainer:
                         grads = self._full_grads()
                     self.engine.step()
                     tokens += int(micro.attention_mask.sum())
-                    for k, v in {"loss": loss, **stats}.items():
+                    for k, v in {"loss": loss.detach(), **stats}.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                     n += 1
         self.update_count += 1

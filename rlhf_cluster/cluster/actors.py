@@ -1,0 +1,163 @@
+"""Thin Ray actor shells around the workers.
+
+Each shell declares nothing but how to build its worker and which of its methods are
+callable; resources and placement are decided by :mod:`rlhf_cluster.cluster.groups`.
+Every call is recorded as a span (name, start, end) so benchmarks can draw a timeline.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from contextlib import contextmanager
+
+import torch
+
+from rlhf_cluster.experience import Experience
+
+
+class _Shell:
+    """Base of every actor: where it runs, a free port, and the span log."""
+
+    role = "actor"
+
+    def __init__(self, rank: int = 0):
+        self.rank = rank
+        self._spans: list[tuple[str, float, float]] = []
+        # Ray sets OMP_NUM_THREADS from the actor's CPU share; torch should follow it.
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        if threads > 0 and not torch.cuda.is_available():
+            torch.set_num_threads(threads)
+
+    @contextmanager
+    def _span(self, name: str):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self._spans.append((name, t0, time.time()))
+
+    def placement(self) -> dict:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"role": self.role, "rank": self.rank, "node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
+
+    def free_port(self) -> tuple[str, int]:
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def spans(self) -> list[tuple[str, float, float]]:
+        return list(self._spans)
+
+
+class PolicyActor(_Shell):
+    role = "policy"
+
+    def init(self, **kwargs) -> None:
+        from rlhf_cluster.workers.trainer import PolicyTrainer
+
+        with self._span("init"):
+            self.worker = PolicyTrainer(rank=self.rank, **kwargs)
+
+    def logprobs(self, exp: Experience) -> torch.Tensor:
+        with self._span("old_logprobs"):
+            return self.worker.logprobs(exp)
+
+    def ppo_update(self, exp: Experience, **kwargs) -> dict:
+        with self._span("policy_update"):
+            return self.worker.ppo_update(exp, **kwargs)
+
+    def export_state_dict(self) -> dict | None:
+        with self._span("export_weights"):
+            return self.worker.export_state_dict()
+
+    def save_pretrained(self, out_dir: str) -> None:
+        with self._span("save"):
+            self.worker.save_pretrained(out_dir)
+
+    def save_checkpoint(self, ckpt_dir: str, tag: str) -> None:
+        with self._span("save"):
+            self.worker.save_checkpoint(ckpt_dir, tag)
+
+    def load_checkpoint(self, ckpt_dir: str, tag: str) -> None:
+        self.worker.load_checkpoint(ckpt_dir, tag)
+
+
+class CriticActor(_Shell):
+    role = "critic"
+
+    def init(self, **kwargs) -> None:
+        from rlhf_cluster.workers.trainer import CriticTrainer
+
+        with self._span("init"):
+            self.worker = CriticTrainer(rank=self.rank, **kwargs)
+
+    def values(self, exp: Experience) -> torch.Tensor:
+        with self._span("values"):
+            return self.worker.values(exp)
+
+    def value_update(self, exp: Experience, **kwargs) -> dict:
+        with self._span("critic_update"):
+            return self.worker.value_update(exp, **kwargs)
+
+    def save_checkpoint(self, ckpt_dir: str, tag: str) -> None:
+        with self._span("save"):
+            self.worker.save_checkpoint(ckpt_dir, tag)
+
+    def load_checkpoint(self, ckpt_dir: str, tag: str) -> None:
+        self.worker.load_checkpoint(ckpt_dir, tag)
+
+
+class ReferenceActor(_Shell):
+    role = "reference"
+
+    def init(self, model_path: str, **kwargs) -> None:
+        from rlhf_cluster.workers.scorers import ReferenceScorer
+
+        with self._span("init"):
+            self.worker = ReferenceScorer(model_path, **kwargs)
+
+    def logprobs(self, exp: Experience) -> torch.Tensor:
+        with self._span("ref_logprobs"):
+            return self.worker.logprobs(exp)
+
+
+class RewardActor(_Shell):
+    role = "reward"
+
+    def init(self, model_path: str | None = None, function: str | None = None, **kwargs) -> None:
+        from rlhf_cluster.workers.scorers import FunctionRewardScorer, RewardModelScorer
+
+        with self._span("init"):
+            self.worker = FunctionRewardScorer(function) if function else RewardModelScorer(model_path, **kwargs)
+
+    def score(self, exp: Experience, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        with self._span("reward"):
+            return self.worker.score(exp, prompts, responses)
+
+
+class RolloutActor(_Shell):
+    role = "rollout"
+
+    def init(self, model_path: str, **kwargs) -> None:
+        from rlhf_cluster.workers.rollout import RolloutEngine
+
+        with self._span("init"):
+            self.worker = RolloutEngine(model_path, **kwargs)
+
+    def generate(self, prompt_ids: list[list[int]], **kwargs):
+        with self._span("generate"):
+            return self.worker.generate(prompt_ids, **kwargs)
+
+    def load_weights(self, state: dict, version: int) -> float:
+        with self._span("load_weights"):
+            return self.worker.load_weights(state, version)
+
+    def sequence_logprobs(self, sequences: list[list[int]], num_actions: int) -> list[list[float]]:
+        return self.worker.sequence_logprobs(sequences, num_actions)
