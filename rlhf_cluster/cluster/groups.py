@@ -89,7 +89,8 @@ class ActorGroup:
         self.actors = []
         for rank in range(spec.size):
             opts: dict[str, Any] = dict(
-                num_cpus=cpus_per_actor,
+                # A colocated role is a guest in another role's bundles, whose CPU share is already taken.
+                num_cpus=cpus_per_actor if self.owns_pg else 0,
                 num_gpus=spec.gpus_per_actor * gpu_fraction if use_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank // spec.per_node),
                 max_concurrency=1,
@@ -128,8 +129,11 @@ class ActorGroup:
     def init_all(self, **kwargs) -> None:
         self.get([a.init.remote(**kwargs) for a in self.actors], "init")
 
-    def placements(self) -> list[dict]:
-        return ray.get([a.placement.remote() for a in self.actors])
+    def placements(self, timeout_s: float = 120.0) -> list[dict]:
+        try:
+            return ray.get([a.placement.remote() for a in self.actors], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ActorFailure(f"{self.role}: actors were not scheduled within {timeout_s:.0f} s") from None
 
     def spans(self) -> list[list[tuple[str, float, float]]]:
         return ray.get([a.spans.remote() for a in self.actors])

