@@ -60,7 +60,17 @@ def test_roles_land_where_the_config_says(gpu_cluster):
     assert all(p["node_id"] != head for r in where for p in where[r])
 
 
+def _wait_for_free_gpus(n, timeout_s=30.0):
+    import time
+
+    deadline = time.time() + timeout_s
+    while ray.available_resources().get("GPU", 0) < n and time.time() < deadline:
+        time.sleep(0.5)
+    return ray.available_resources().get("GPU", 0)
+
+
 def test_too_many_gpus_is_refused_before_any_actor_starts(gpu_cluster):
+    assert _wait_for_free_gpus(12) == 12  # the previous test's groups were released
     cfg = load_config(None, [*BASE, "policy.num_nodes=2", "policy.num_gpus_per_node=4", "critic.num_gpus_per_node=4",
                              "rollout.num_engines=2"])
     with pytest.raises(ActorFailure, match="the roles need 16 GPUs .* but the cluster has 12"):
