@@ -33,7 +33,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/rlhf-cluster demo --config $(DEMO_CONFIG)
+	$(BIN)/rlhf-cluster build-tiny runs/models/tiny-policy --if-missing
+	$(BIN)/rlhf-cluster train $(DEMO_CONFIG)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ppo.py

@@ -388,6 +388,20 @@ def run_ppo(cfg: RunConfig, resume: bool = False, log=print) -> dict:
         init_roles(roles, cfg)
         log(f"actors ready in {time.perf_counter() - t:.1f} s: " + ", ".join(f"{g.role}×{len(g)}" for g in roles.all()))
         run = PPORun(cfg, roles, tokenizer, train, held, log)
-        return run.fit(resume=resume)
+        summary = run.fit(resume=resume)
+        summary["timeline"] = str(save_timeline(roles, Path(cfg.output_dir) / "timeline.json"))
+        return summary
     finally:
         roles.shutdown()
+
+
+def save_timeline(roles: Roles, path: Path) -> Path:
+    """Every actor's recorded calls as ``{"policy/0": [[name, start, end], ...], ...}`` (wall-clock seconds)."""
+    import json
+
+    spans = {}
+    for g in roles.all():
+        for rank, s in enumerate(g.spans()):
+            spans[f"{g.role}/{rank}"] = s
+    path.write_text(json.dumps(spans))
+    return path
