@@ -52,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf_cluster.config import preflight
 
         preflight(cfg)
-        from rlhf_cluster.drivers.ppo import run_ppo
-
-        summary = run_ppo(cfg, resume=args.resume)
+        summary = run_method(cfg, resume=args.resume)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -66,15 +64,40 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
+    print_summary(summary)
+    return 0
+
+
+def run_method(cfg, resume: bool = False) -> dict:
+    """Dispatch on ``cfg.method`` to its driver loop."""
+    if cfg.method == "ppo":
+        from rlhf_cluster.drivers.ppo import run_ppo
+
+        return run_ppo(cfg, resume=resume)
+    if resume:
+        raise ConfigError(f"--resume is supported for ppo runs; method={cfg.method} stages restart from their inputs")
+    if cfg.method == "online_dpo":
+        from rlhf_cluster.drivers.online_dpo import run_online_dpo
+
+        return run_online_dpo(cfg)
+    from rlhf_cluster.drivers.offline import run_offline
+
+    return run_offline(cfg)
+
+
+def print_summary(summary: dict) -> None:
     before, after = summary.get("eval_before"), summary.get("eval_after")
     print()
-    if before is not None and after is not None:
+    if isinstance(before, float) and isinstance(after, float):
         print(f"held-out reward: before {before:+.4f}  after {after:+.4f}  ({after - before:+.4f})")
-    print(f"metrics:      {summary['metrics']}")
-    print(f"reward curve: {summary['reward_curve']}")
-    print(f"policy:       {summary['policy']}")
-    print("summary: " + json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float))}))
-    return 0
+    elif isinstance(before, dict) and isinstance(after, dict):
+        for k in before:
+            if k in after:
+                print(f"held-out {k}: before {before[k]:+.4f}  after {after[k]:+.4f}  ({after[k] - before[k]:+.4f})")
+    for key in ("metrics", "reward_curve", "curve", "policy", "model", "timeline"):
+        if key in summary:
+            print(f"{key + ':':14s}{summary[key]}")
+    print("summary: " + json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, dict))}))
 
 
 if __name__ == "__main__":

@@ -109,6 +109,13 @@ class DataConfig(_Strict):
     train_path: str | None = Field(None, description="JSONL, JSON, Parquet file or a datasets.save_to_disk directory.")
     eval_path: str | None = Field(None, description="Held-out data in the same format.")
     prompt_key: str = Field("prompt", description="Column holding the prompt (a string or chat messages).")
+    response_key: str = Field("response", description="SFT: column holding the response.")
+    messages_key: str = Field("messages", description="SFT: column holding a whole chat (loss on the last assistant turn).")
+    chosen_key: str = Field("chosen", description="Preferences: the preferred response.")
+    rejected_key: str = Field("rejected", description="Preferences: the dispreferred response.")
+    margin_key: str = Field("margin", description="Preferences: optional margin (reward-model training).")
+    completion_key: str = Field("completion", description="Unpaired feedback (KTO): the completion.")
+    label_key: str = Field("label", description="Unpaired feedback (KTO): true if desirable.")
     apply_chat_template: bool = Field(True, description="Wrap prompts with the tokenizer's chat template.")
     max_prompt_length: int = Field(128, ge=1, description="Prompt token limit.")
     max_response_length: int = Field(128, ge=1, description="Response token limit (supervised data).")
@@ -129,7 +136,7 @@ class AlgorithmConfig(_Strict):
     dual_clip: float | None = Field(None, description="Dual-clip constant c > 1 for negative advantages, or null.")
     value_clip: float | None = Field(0.2, description="Critic value clip ε, or null for an unclipped loss.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
-    mini_batch_size: int = Field(16, ge=1, description="Sequences per optimizer step (all ranks together).")
+    mini_batch_size: int = Field(16, ge=1, description="Sequences (offline stages: examples or pairs) per optimizer step, all ranks together.")
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     kl_coef: float = Field(0.05, ge=0, description="β of the per-token KL penalty (initial value if adaptive).")
     kl_controller: Literal["fixed", "adaptive"] = "fixed"
@@ -144,8 +151,33 @@ class AlgorithmConfig(_Strict):
         return self
 
 
+class PreferenceConfig(_Strict):
+    """The DPO family (offline and online) and KTO."""
+
+    loss: Literal["dpo", "cdpo", "ipo", "hinge", "kto", "orpo", "simpo"] = "dpo"
+    beta: float = Field(0.1, gt=0, description="β (ORPO: the weight λ of the odds-ratio term).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO's ε: assumed fraction of flipped labels.")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin γ.")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="KTO's λ_D.")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO's λ_U.")
+    reference_mode: Literal["precompute", "on_the_fly"] = Field(
+        "precompute", description="Reference log-probs: computed once before training and cached, or every batch.")
+    steps_per_iteration: int = Field(1, ge=1, description="Online DPO: passes over each iteration's fresh pairs.")
+
+    @model_validator(mode="after")
+    def _cdpo(self) -> PreferenceConfig:
+        if self.loss == "cdpo" and self.label_smoothing == 0:
+            raise ValueError("preference.loss=cdpo needs preference.label_smoothing > 0 (e.g. 0.1); with 0 it is plain dpo")
+        return self
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss not in ("orpo", "simpo")
+
+
 class ScheduleConfig(_Strict):
-    num_steps: int = Field(10, ge=1, description="RL steps (rollout + update).")
+    num_steps: int = Field(10, ge=1, description="RL steps (rollout + update); online-DPO iterations.")
+    num_epochs: int = Field(1, ge=1, description="Offline stages (sft, rm, dpo): passes over the training data.")
     prompts_per_step: int = Field(16, ge=1, description="Prompts per rollout.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     eval_every: int = Field(0, ge=0, description="Evaluate on data.eval_path every N steps (0: start and end only).")
@@ -166,7 +198,9 @@ class ClusterConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    method: Literal["ppo"] = Field("ppo", description="Which driver loop runs.")
+    method: Literal["ppo", "sft", "rm", "dpo", "online_dpo"] = Field(
+        "ppo", description="Which driver loop runs: ppo (and critic-free RL), sft, rm (reward model), dpo (offline "
+        "DPO family and KTO), online_dpo.")
     seed: int = 0
     output_dir: str = Field("runs/default", description="Checkpoints, metrics.jsonl, TensorBoard, plots.")
     policy: TrainerConfig = Field(default_factory=lambda: TrainerConfig())
@@ -176,6 +210,7 @@ class RunConfig(_Strict):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
@@ -183,28 +218,38 @@ class RunConfig(_Strict):
     def _combinations(self) -> RunConfig:
         if self.policy.model_name_or_path is None:
             raise ValueError("policy.model_name_or_path is required: point it at a local Hugging Face model directory")
+        if self.data.train_path is None:
+            raise ValueError("data.train_path is required: a JSONL/JSON/Parquet file or a datasets directory")
         if self.reference.model_name_or_path is None:
             self.reference.model_name_or_path = self.policy.model_name_or_path
-        if self.reward.model_name_or_path is None and self.reward.function is None:
+        rl = self.method in ("ppo", "online_dpo")
+        if rl and self.reward.model_name_or_path is None and self.reward.function is None:
             raise ValueError("the reward needs a source: set reward.model_name_or_path or reward.function='module:function'")
         if self.critic.model_name_or_path is None and self.needs_critic:
             # The usual initialisation: the critic starts from the reward model (or the policy).
             self.critic.model_name_or_path = self.reward.model_name_or_path or self.policy.model_name_or_path
-        if self.data.train_path is None:
-            raise ValueError("data.train_path is required: a JSONL/JSON/Parquet file or a datasets directory of prompts")
         a, r, s = self.algorithm, self.rollout, self.schedule
-        group = a.advantage_estimator in ("grpo", "rloo")
-        if group and r.n_samples_per_prompt < 2:
+        if self.method == "ppo" and a.advantage_estimator in ("grpo", "rloo") and r.n_samples_per_prompt < 2:
             raise ValueError(
                 f"algorithm.advantage_estimator={a.advantage_estimator} compares samples of one prompt: "
                 f"set rollout.n_samples_per_prompt >= 2 (got {r.n_samples_per_prompt})"
             )
-        batch = s.prompts_per_step * r.n_samples_per_prompt
-        if batch % a.mini_batch_size:
-            raise ValueError(
-                f"schedule.prompts_per_step × rollout.n_samples_per_prompt = {batch} sequences per step is not a multiple "
-                f"of algorithm.mini_batch_size={a.mini_batch_size}; pick a mini_batch_size that divides {batch}"
-            )
+        if self.method == "online_dpo":
+            if r.n_samples_per_prompt < 2:
+                raise ValueError(f"online_dpo pairs the best and worst of several samples: set rollout.n_samples_per_prompt >= 2 "
+                                 f"(got {r.n_samples_per_prompt})")
+            if self.preference.loss == "kto":
+                raise ValueError("online_dpo builds pairs; use a pairwise preference.loss (dpo, cdpo, ipo, hinge, orpo, simpo), not kto")
+        if self.method == "ppo":
+            batch = s.prompts_per_step * r.n_samples_per_prompt
+            if batch % a.mini_batch_size:
+                raise ValueError(
+                    f"schedule.prompts_per_step × rollout.n_samples_per_prompt = {batch} sequences per step is not a multiple "
+                    f"of algorithm.mini_batch_size={a.mini_batch_size}; pick a mini_batch_size that divides {batch}"
+                )
+        if self.method == "online_dpo" and s.prompts_per_step % a.mini_batch_size:
+            raise ValueError(f"online_dpo makes one pair per prompt: schedule.prompts_per_step={s.prompts_per_step} must be a "
+                             f"multiple of algorithm.mini_batch_size={a.mini_batch_size}")
         for role in ("policy", "critic") if self.needs_critic else ("policy",):
             t: TrainerConfig = getattr(self, role)
             if a.mini_batch_size % (t.micro_batch_size * t.world_size):
@@ -212,13 +257,11 @@ class RunConfig(_Strict):
                     f"algorithm.mini_batch_size={a.mini_batch_size} must be a multiple of {role}.micro_batch_size × ranks "
                     f"= {t.micro_batch_size} × {t.world_size}; change one of them"
                 )
-        if self.data.max_prompt_length + r.max_new_tokens > 100_000:
-            raise ValueError("data.max_prompt_length + rollout.max_new_tokens is implausibly large")
         return self
 
     @property
     def needs_critic(self) -> bool:
-        return self.algorithm.advantage_estimator == "gae"
+        return self.method == "ppo" and self.algorithm.advantage_estimator == "gae"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -337,12 +380,13 @@ def preflight(cfg: RunConfig) -> None:
     """Checks that need the file system: run before any actor starts."""
     _check_model_dir("policy.model_name_or_path", cfg.policy.model_name_or_path)
     _check_model_dir("reference.model_name_or_path", cfg.reference.model_name_or_path)
-    _check_model_dir("reward.model_name_or_path", cfg.reward.model_name_or_path)
+    if cfg.method in ("ppo", "online_dpo"):
+        _check_model_dir("reward.model_name_or_path", cfg.reward.model_name_or_path)
     if cfg.needs_critic:
         _check_model_dir("critic.model_name_or_path", cfg.critic.model_name_or_path)
     for field in ("train_path", "eval_path"):
         path = getattr(cfg.data, field)
         if path is not None and not Path(path).exists():
             raise ConfigError(f"data.{field}={path!r} does not exist")
-    if cfg.reward.function:
+    if cfg.reward.function and cfg.method in ("ppo", "online_dpo"):
         resolve_function(cfg.reward.function)

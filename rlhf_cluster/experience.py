@@ -34,6 +34,9 @@ class Experience:
     def num_actions(self) -> int:
         return self.action_mask.shape[1]
 
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
     def select(self, idx: torch.Tensor | slice) -> Experience:
         """Rows ``idx`` of every tensor field."""
         return replace(self, **{f.name: (v[idx] if (v := getattr(self, f.name)) is not None else None) for f in fields(self)})
@@ -77,3 +80,62 @@ def build_experience(prompt_ids: list[list[int]], response_ids: list[list[int]],
             if lps is not None:
                 lps[i, : len(r)] = torch.tensor(rollout_logprobs[i], dtype=torch.float32)
     return Experience(input_ids=ids, attention_mask=attn, action_mask=amask, rollout_logprobs=lps)
+
+
+def _rows(idx, n: int) -> torch.Tensor:
+    return torch.arange(n)[idx] if isinstance(idx, slice) else torch.as_tensor(idx)
+
+
+@dataclass
+class PairBatch:
+    """B preference pairs: ``seqs`` rows 2i (chosen) and 2i+1 (rejected), one shared width."""
+
+    seqs: Experience  # (2B, P+A)
+    margin: torch.Tensor | None = None  # (B,) optional preference margin m
+    ref_logps: torch.Tensor | None = None  # (2B,) Σ_t log π_ref(a_t|s_t) of each response
+
+    @property
+    def batch_size(self) -> int:
+        return self.seqs.batch_size // 2
+
+    def num_tokens(self) -> int:
+        return int(self.seqs.attention_mask.sum())
+
+    def select(self, idx) -> PairBatch:
+        rows = _rows(idx, self.batch_size)
+        seq_rows = torch.stack([2 * rows, 2 * rows + 1], -1).flatten()
+        return PairBatch(self.seqs.select(seq_rows), None if self.margin is None else self.margin[rows],
+                         None if self.ref_logps is None else self.ref_logps[seq_rows])
+
+    def to(self, device) -> PairBatch:
+        return PairBatch(self.seqs.to(device), None if self.margin is None else self.margin.to(device),
+                         None if self.ref_logps is None else self.ref_logps.to(device))
+
+
+@dataclass
+class FeedbackBatch:
+    """B unpaired examples (KTO) and B mismatched prompt–completion pairs for the KL reference point."""
+
+    seqs: Experience  # (B, P+A) prompt x_i + completion y_i
+    kl_seqs: Experience  # (B, P'+A') prompt x_i + completion y_j (j ≠ i)
+    desirable: torch.Tensor  # (B,) bool
+    ref_logps: torch.Tensor | None = None  # (B,) Σ log π_ref(y_i|x_i)
+    kl_ref_logps: torch.Tensor | None = None  # (B,) Σ log π_ref(y_j|x_i)
+
+    @property
+    def batch_size(self) -> int:
+        return self.seqs.batch_size
+
+    def num_tokens(self) -> int:
+        return int(self.seqs.attention_mask.sum() + self.kl_seqs.attention_mask.sum())
+
+    def select(self, idx) -> FeedbackBatch:
+        rows = _rows(idx, self.batch_size)
+        opt = lambda t: None if t is None else t[rows]  # noqa: E731
+        return FeedbackBatch(self.seqs.select(rows), self.kl_seqs.select(rows), self.desirable[rows],
+                             opt(self.ref_logps), opt(self.kl_ref_logps))
+
+    def to(self, device) -> FeedbackBatch:
+        opt = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return FeedbackBatch(self.seqs.to(device), self.kl_seqs.to(device), self.desirable.to(device),
+                             opt(self.ref_logps), opt(self.kl_ref_logps))

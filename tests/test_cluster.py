@@ -50,7 +50,7 @@ def test_weight_sync_is_exact(local_ray, tiny_model_dir):
         assert torch.allclose(engine_before, trainer_before, atol=1e-4), (engine_before - trainer_before).abs().max()
 
         exp.old_logprobs = trainer_before
-        ray.get(p.ppo_update.remote(exp, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, entropy_coef=0.0, epochs=1))
+        ray.get(p.update.remote(exp, "ppo", epochs=1, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, entropy_coef=0.0))
         state = p.export_state_dict.remote()
         ray.get(e.load_weights.remote(state, 1))
 
@@ -74,8 +74,8 @@ def test_two_data_parallel_ranks_match_one(local_ray, tiny_model_dir, zero_stage
             shards = exp.chunk(ranks)
             old = torch.cat(ray.get([a.logprobs.remote(s) for a, s in zip(group.actors, shards)]))
             exp.old_logprobs = old + 0.05 * torch.randn(old.shape, generator=torch.Generator().manual_seed(2))  # ratios ≠ 1
-            stats = ray.get([a.ppo_update.remote(s, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, entropy_coef=0.01,
-                                                 epochs=1, capture_grads=True)
+            stats = ray.get([a.update.remote(s, "ppo", epochs=1, capture_grads=True, clip_eps_low=0.2, clip_eps_high=0.2,
+                                             dual_clip=None, entropy_coef=0.01)
                              for a, s in zip(group.actors, exp.chunk(ranks))])
             results[ranks] = (sum(s["loss"] for s in stats) / ranks, stats[0]["grads"], stats[0]["grad_norm"])
         finally:

@@ -69,9 +69,13 @@ class PolicyActor(_Shell):
         with self._span("old_logprobs"):
             return self.worker.logprobs(exp)
 
-    def ppo_update(self, exp: Experience, **kwargs) -> dict:
-        with self._span("policy_update"):
-            return self.worker.ppo_update(exp, **kwargs)
+    def update(self, batch, objective: str, **kwargs) -> dict:
+        with self._span(f"policy_{objective}"):
+            return self.worker.update(batch, objective, **kwargs)
+
+    def evaluate(self, batch, objective: str, **kwargs) -> dict:
+        with self._span(f"eval_{objective}"):
+            return self.worker.evaluate(batch, objective, **kwargs)
 
     def export_state_dict(self) -> dict | None:
         with self._span("export_weights"):
@@ -102,9 +106,17 @@ class CriticActor(_Shell):
         with self._span("values"):
             return self.worker.values(exp)
 
-    def value_update(self, exp: Experience, **kwargs) -> dict:
-        with self._span("critic_update"):
-            return self.worker.value_update(exp, **kwargs)
+    def update(self, batch, objective: str, **kwargs) -> dict:
+        with self._span(f"critic_{objective}"):
+            return self.worker.update(batch, objective, **kwargs)
+
+    def evaluate(self, batch, objective: str, **kwargs) -> dict:
+        with self._span(f"eval_{objective}"):
+            return self.worker.evaluate(batch, objective, **kwargs)
+
+    def save_pretrained(self, out_dir: str) -> None:
+        with self._span("save"):
+            self.worker.save_pretrained(out_dir)
 
     def save_checkpoint(self, ckpt_dir: str, tag: str) -> None:
         with self._span("save"):
@@ -126,6 +138,10 @@ class ReferenceActor(_Shell):
     def logprobs(self, exp: Experience) -> torch.Tensor:
         with self._span("ref_logprobs"):
             return self.worker.logprobs(exp)
+
+    def sequence_logps(self, exp: Experience) -> torch.Tensor:
+        with self._span("ref_logprobs"):
+            return self.worker.sequence_logps(exp)
 
 
 class RewardActor(_Shell):

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 import torch
 
 
-class PromptSampler:
-    """Epochs of shuffled prompts; its position is part of every checkpoint.
+class EpochSampler:
+    """Epochs of shuffled examples (prompts, pairs, ...); its position is part of every checkpoint.
 
     The order of epoch ``e`` is a permutation seeded by ``(seed, e)``, so (epoch, index)
     is all a resumed run needs to continue with exactly the prompts it would have seen.

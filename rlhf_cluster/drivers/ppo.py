@@ -24,7 +24,7 @@ from rlhf_cluster.config import RunConfig, preflight
 from rlhf_cluster.data import build_prompt_examples, load_rows
 from rlhf_cluster.drivers.common import (
     MetricsSink,
-    PromptSampler,
+    EpochSampler,
     checkpoint_root,
     commit_checkpoint,
     latest_checkpoint,
@@ -143,7 +143,7 @@ class PPORun:
         self.estimator = get_advantage_estimator(a.advantage_estimator)
         self.kl_ctl = (AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_controller == "adaptive"
                        else FixedKLController(a.kl_coef))
-        self.sampler = PromptSampler(train_prompts, cfg.schedule.prompts_per_step, cfg.seed, cfg.data.shuffle)
+        self.sampler = EpochSampler(train_prompts, cfg.schedule.prompts_per_step, cfg.seed, cfg.data.shuffle)
         self.eval_prompts = eval_prompts
         self.sampling = dict(n=r.n_samples_per_prompt, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                              top_p=r.top_p, top_k=r.top_k)
@@ -204,10 +204,10 @@ class PPORun:
     def update(self, exp: Experience) -> dict:
         """Policy and critic updates, concurrently, each rank on its contiguous shard."""
         a, R = self.cfg.algorithm, self.roles
-        p_refs = [x.ppo_update.remote(s, clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high, dual_clip=a.dual_clip,
-                                      entropy_coef=a.entropy_coef, epochs=a.ppo_epochs)
+        p_refs = [x.update.remote(s, "ppo", epochs=a.ppo_epochs, clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high,
+                                  dual_clip=a.dual_clip, entropy_coef=a.entropy_coef)
                   for x, s in zip(R.policy.actors, exp.chunk(len(R.policy)))]
-        c_refs = [x.value_update.remote(s, value_clip=a.value_clip, epochs=a.ppo_epochs)
+        c_refs = [x.update.remote(s, "value", epochs=a.ppo_epochs, value_clip=a.value_clip)
                   for x, s in zip(R.critic.actors, exp.chunk(len(R.critic)))] if R.critic else []
         p_stats = R.policy.get(p_refs, "policy update")
         out = {f"actor/{k}": sum(s[k] for s in p_stats) / len(p_stats) for k in p_stats[0] if k not in ("train_tokens", "train_seconds")}

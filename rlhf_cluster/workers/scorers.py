@@ -44,6 +44,10 @@ class ReferenceScorer(_FrozenModel):
         return torch.cat([action_logprobs_and_entropy(self.model, m.input_ids, m.attention_mask, exp.num_actions)[0].cpu()
                           for m in self._micro_batches(exp)])
 
+    def sequence_logps(self, exp: Experience) -> torch.Tensor:
+        """Σ_t log π_ref(a_t|s_t) over each response: (B,) — what the DPO family compares against."""
+        return (self.logprobs(exp) * exp.action_mask).sum(-1)
+
 
 class RewardModelScorer(_FrozenModel):
     """r(x, y) from a scalar-head model, read at each sequence's last real token."""

@@ -9,13 +9,10 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable
-
 import torch
 
-from rlhf_cluster.algos.core import masked_mean
-from rlhf_cluster.algos.ppo import ppo_policy_loss, ppo_value_loss
 from rlhf_cluster.experience import Experience
+from rlhf_cluster.workers.objectives import get_objective
 from rlhf_cluster.models import (
     action_logprobs_and_entropy,
     load_causal_lm,
@@ -120,20 +117,22 @@ class _DeepSpeedTrainer:
         raise NotImplementedError
 
     # --- shared loop ----------------------------------------------------------------
-    def _micro_batches(self, exp: Experience):
-        for i in range(0, exp.batch_size, self.micro_batch_size):
-            yield exp.select(slice(i, i + self.micro_batch_size)).to(self.device)
+    def _micro_batches(self, batch):
+        for i in range(0, batch.batch_size, self.micro_batch_size):
+            yield batch.select(slice(i, i + self.micro_batch_size)).to(self.device)
 
-    def _train_epochs(self, exp: Experience, epochs: int, loss_fn: Callable, capture_grads: bool = False) -> dict:
-        """Shuffled mini-batches of this rank's shard, ``epochs`` times; one optimizer step per mini-batch.
+    def update(self, batch, objective: str, epochs: int = 1, capture_grads: bool = False, **hparams) -> dict:
+        """Train on this rank's shard: shuffled mini-batches, ``epochs`` times, one optimizer step each.
 
-        ``loss_fn(micro: Experience) -> (loss, stats)``. Returns the mean of each stat, plus
-        the first mini-batch's full gradients when ``capture_grads`` (used by the tests that
-        compare data-parallel layouts).
+        ``objective`` names an entry of :data:`OBJECTIVES` (ppo, value, sft, pairwise, kto,
+        bradley_terry); ``hparams`` are its keyword arguments. Returns the mean of each stat,
+        plus the first mini-batch's full gradients when ``capture_grads`` (for the tests
+        that compare data-parallel layouts).
         """
+        fn = get_objective(objective)
         per_rank = self.mini_batch_size // self.world_size
-        if exp.batch_size % per_rank:
-            raise ValueError(f"rank shard of {exp.batch_size} sequences is not a multiple of the per-rank mini-batch {per_rank}")
+        if batch.batch_size % per_rank:
+            raise ValueError(f"rank shard of {batch.batch_size} examples is not a multiple of the per-rank mini-batch {per_rank}")
         self.engine.train()
         sums: dict[str, float] = {}
         n = 0
@@ -142,17 +141,16 @@ class _DeepSpeedTrainer:
         t0 = time.perf_counter()
         tokens = 0
         for _ in range(epochs):
-            order = torch.randperm(exp.batch_size, generator=gen)
-            for start in range(0, exp.batch_size, per_rank):
-                mini = exp.select(order[start : start + per_rank])
-                micros = list(self._micro_batches(mini))
+            order = torch.randperm(batch.batch_size, generator=gen)
+            for start in range(0, batch.batch_size, per_rank):
+                micros = list(self._micro_batches(batch.select(order[start : start + per_rank])))
                 for j, micro in enumerate(micros):
-                    loss, stats = loss_fn(micro)
+                    loss, stats = fn(self.engine.module, micro, **hparams)
                     self.engine.backward(loss)
                     if capture_grads and grads is None and j == len(micros) - 1:
                         grads = self._full_grads()
                     self.engine.step()
-                    tokens += int(micro.attention_mask.sum())
+                    tokens += micro.num_tokens()
                     for k, v in {"loss": loss.detach(), **stats}.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                     n += 1
@@ -165,6 +163,18 @@ class _DeepSpeedTrainer:
         if capture_grads:
             out["grads"] = grads
         return out
+
+    @torch.no_grad()
+    def evaluate(self, batch, objective: str, **hparams) -> dict:
+        """The objective's loss and stats on held-out data (no update), averaged over examples."""
+        fn = get_objective(objective)
+        self.engine.eval()
+        sums: dict[str, float] = {}
+        for micro in self._micro_batches(batch):
+            loss, stats = fn(self.engine.module, micro, **hparams)
+            for k, v in {"loss": loss, **stats}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * micro.batch_size
+        return {k: v / batch.batch_size for k, v in sums.items()}
 
     def _full_grads(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_grad
@@ -223,7 +233,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 
 class PolicyTrainer(_DeepSpeedTrainer):
-    """π_θ: log-probs of the sampled tokens and the PPO clipped-surrogate update."""
+    """π_θ, a causal LM in training: PPO, SFT, the DPO family and KTO are objectives of ``update``."""
 
     def _load_model(self, path, dtype):
         return load_causal_lm(path, dtype)
@@ -232,25 +242,13 @@ class PolicyTrainer(_DeepSpeedTrainer):
     def logprobs(self, exp: Experience) -> torch.Tensor:
         """log π_θ(a_t|s_t): (B, A) for this rank's shard."""
         self.engine.eval()
-        out = [action_logprobs_and_entropy(self.engine, m.input_ids, m.attention_mask, exp.num_actions)[0].cpu()
+        out = [action_logprobs_and_entropy(self.engine.module, m.input_ids, m.attention_mask, exp.num_actions)[0].cpu()
                for m in self._micro_batches(exp)]
         return torch.cat(out)
 
-    def ppo_update(self, exp: Experience, *, clip_eps_low: float, clip_eps_high: float, dual_clip: float | None,
-                   entropy_coef: float, epochs: int, capture_grads: bool = False) -> dict:
-        def loss_fn(m: Experience):
-            logp, ent = action_logprobs_and_entropy(self.engine, m.input_ids, m.attention_mask, m.num_actions, with_entropy=True)
-            pg_loss, stats = ppo_policy_loss(logp, m.old_logprobs, m.advantages, m.action_mask,
-                                             clip_eps_low, clip_eps_high, dual_clip)
-            entropy = masked_mean(ent, m.action_mask)
-            loss = pg_loss - entropy_coef * entropy
-            return loss, {"pg_loss": pg_loss.detach(), "entropy": entropy.detach(), **stats}
-
-        return self._train_epochs(exp, epochs, loss_fn, capture_grads)
-
 
 class CriticTrainer(_DeepSpeedTrainer):
-    """V_φ: per-token values and the clipped value-loss update."""
+    """A scalar-head model in training: the critic V_φ (objective "value") or a reward model ("bradley_terry")."""
 
     def _load_model(self, path, dtype):
         return load_scalar_model(path, dtype)
@@ -261,11 +259,3 @@ class CriticTrainer(_DeepSpeedTrainer):
         self.engine.eval()
         return torch.cat([token_values(self.engine.module, m.input_ids, m.attention_mask, exp.num_actions).cpu()
                           for m in self._micro_batches(exp)])
-
-    def value_update(self, exp: Experience, *, value_clip: float | None, epochs: int) -> dict:
-        def loss_fn(m: Experience):
-            v = token_values(self.engine.module, m.input_ids, m.attention_mask, m.num_actions)
-            loss, stats = ppo_value_loss(v, m.values, m.returns, m.action_mask, value_clip)
-            return loss, stats
-
-        return self._train_epochs(exp, epochs, loss_fn)

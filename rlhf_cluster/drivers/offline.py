@@ -1,0 +1,305 @@
+"""Offline stages on the same actors: SFT, reward-model training, the DPO family and KTO.
+
+A stage is the shared loop below plus its objective (see ``workers/objectives.py``):
+
+    for each mini-batch of examples:            # epochs of shuffled data, nothing dropped
+        [reference log-probs, cached or on the fly]
+        trainer ranks update on their shards    # one optimizer step
+    evaluate on held-out data before, every epoch, and at the end
+
+``OfflineStage`` rows hold what differs per method; ``run_offline`` is the builder step
+that reads the config.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import ray
+import torch
+
+from rlhf_cluster.cluster.actors import CriticActor, PolicyActor, ReferenceActor
+from rlhf_cluster.cluster.groups import ActorGroup, RoleSpec, check_capacity, cluster_has_gpus, init_ray
+from rlhf_cluster.config import RunConfig, preflight
+from rlhf_cluster.data import (
+    FeedbackExample,
+    PreferenceExample,
+    SFTExample,
+    build_feedback_examples,
+    build_preference_examples,
+    build_sft_examples,
+    load_rows,
+    preference_to_feedback,
+)
+from rlhf_cluster.drivers.common import EpochSampler, MetricsSink, plot_curve, read_metrics
+from rlhf_cluster.experience import Experience, FeedbackBatch, PairBatch, build_experience
+from rlhf_cluster.models import load_tokenizer
+
+# ----------------------------------------------------------------------------- collation
+
+
+def collate_sft(examples: list[SFTExample], pad_id: int) -> Experience:
+    """Prompt = the tokens before the loss mask starts; the response (loss on it) = the rest."""
+    prompts, responses = [], []
+    for ex in examples:
+        k = ex.loss_mask.index(1) if 1 in ex.loss_mask else len(ex.input_ids)
+        prompts.append(ex.input_ids[:k])
+        responses.append(ex.input_ids[k:])
+    return build_experience(prompts, responses, pad_id)
+
+
+def collate_pairs(examples: list[PreferenceExample], pad_id: int) -> PairBatch:
+    """Rows 2i / 2i+1 are the chosen / rejected response to prompt i."""
+    prompts = [ex.prompt_ids for ex in examples for _ in range(2)]
+    responses = [r for ex in examples for r in (ex.chosen_ids, ex.rejected_ids)]
+    margins = [ex.margin for ex in examples]
+    margin = None if all(m is None for m in margins) else torch.tensor([m or 0.0 for m in margins], dtype=torch.float32)
+    return PairBatch(build_experience(prompts, responses, pad_id), margin)
+
+
+def collate_feedback(examples: list[tuple[FeedbackExample, FeedbackExample]], pad_id: int) -> FeedbackBatch:
+    """Each item is (example, partner): the partner's completion after the example's prompt is
+    the mismatched pair KTO estimates its KL reference point from."""
+    seqs = build_experience([e.prompt_ids for e, _ in examples], [e.completion_ids for e, _ in examples], pad_id)
+    kl = build_experience([e.prompt_ids for e, _ in examples], [p.completion_ids for _, p in examples], pad_id)
+    return FeedbackBatch(seqs, kl, torch.tensor([e.desirable for e, _ in examples]))
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class OfflineStage:
+    name: str
+    objective: str
+    trainer: type  # the actor shell of the trained model
+    collate: Callable
+    output: str  # sub-directory of output_dir holding the trained model
+    headline: tuple[str, ...]  # eval metrics reported before/after
+
+
+SFT = OfflineStage("sft", "sft", PolicyActor, collate_sft, "policy", ("loss",))
+RM = OfflineStage("rm", "bradley_terry", CriticActor, collate_pairs, "reward_model", ("accuracy", "margin_mean", "loss"))
+DPO = OfflineStage("dpo", "pairwise", PolicyActor, collate_pairs, "policy", ("accuracy", "reward_margin", "loss"))
+KTO = OfflineStage("dpo", "kto", PolicyActor, collate_feedback, "policy", ("reward_margin", "chosen_rewards_mean", "rejected_rewards_mean", "loss"))
+
+
+def stage_for(cfg: RunConfig) -> OfflineStage:
+    if cfg.method == "sft":
+        return SFT
+    if cfg.method == "rm":
+        return RM
+    return KTO if cfg.preference.loss == "kto" else DPO
+
+
+def load_stage_data(cfg: RunConfig, stage: OfflineStage, tokenizer, log=print) -> tuple[list, list]:
+    """Examples for the stage's shape, checked before any actor starts; held-out data from
+    data.eval_path, or else the last 10 % of the training rows (said in the log)."""
+    d = cfg.data
+    common = dict(apply_chat_template=d.apply_chat_template, max_prompt_length=d.max_prompt_length,
+                  max_response_length=d.max_response_length, truncation=d.truncation, prompt_key=d.prompt_key)
+
+    def build(path):
+        rows = load_rows(path)
+        if stage is SFT:
+            ex, rep = build_sft_examples(rows, tokenizer, source=path, response_key=d.response_key,
+                                         messages_key=d.messages_key, **common)
+        elif stage is KTO and not (rows and d.chosen_key in rows[0]):
+            ex, rep = build_feedback_examples(rows, tokenizer, source=path, completion_key=d.completion_key,
+                                              label_key=d.label_key, **common)
+        else:
+            ex, rep = build_preference_examples(rows, tokenizer, source=path, chosen_key=d.chosen_key,
+                                                rejected_key=d.rejected_key, margin_key=d.margin_key, **common)
+            if stage is KTO:  # paired data: each pair gives one desirable and one undesirable example
+                ex = preference_to_feedback(ex)
+        log(rep.summary())
+        return ex
+
+    train = build(d.train_path)
+    if d.eval_path:
+        held = build(d.eval_path)
+    else:
+        n = max(1, len(train) // 10)
+        if len(train) < 2:
+            raise ValueError(f"{d.train_path}: need at least 2 examples to hold one out; or set data.eval_path")
+        train, held = train[:-n], train[-n:]
+        log(f"no data.eval_path: holding out the last {n} of {len(train) + n} training examples for evaluation")
+    if stage is KTO:  # fixed partners: example i's mismatched completion comes from example i+1
+        train = [(e, train[(i + 1) % len(train)]) for i, e in enumerate(train)]
+        held = [(e, held[(i + 1) % len(held)]) for i, e in enumerate(held)]
+    return train, held
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class OfflineRun:
+    def __init__(self, cfg: RunConfig, stage: OfflineStage, trainer: ActorGroup, reference: ActorGroup | None,
+                 pad_id: int, train: list, held: list, log=print):
+        self.cfg, self.stage, self.trainer, self.reference, self.pad_id, self.log = cfg, stage, trainer, reference, pad_id, log
+        self.train, self.held = train, held
+        p = cfg.preference
+        self.hparams = {
+            "sft": {}, "bradley_terry": {},
+            "pairwise": dict(loss=p.loss, beta=p.beta, label_smoothing=p.label_smoothing, simpo_gamma=p.simpo_gamma),
+            "kto": dict(beta=p.beta, desirable_weight=p.kto_desirable_weight, undesirable_weight=p.kto_undesirable_weight),
+        }[stage.objective]
+        self.batch = cfg.algorithm.mini_batch_size
+        self.sampler = EpochSampler(list(range(len(train))), self.batch, cfg.seed, cfg.data.shuffle)
+        self.ref_cache: dict[int, torch.Tensor] = {}
+
+    def _with_reference(self, batch, ids: list[int] | None):
+        """Fill the batch's reference log-probs: from the cache (by example id) or computed now."""
+        if self.reference is None:
+            return batch
+        if ids is not None and all(i in self.ref_cache for i in ids):
+            vals = [self.ref_cache[i] for i in ids]
+        else:
+            vals = self._reference_logps(batch)
+        if isinstance(batch, PairBatch):
+            batch.ref_logps = torch.cat(vals) if ids is not None else vals
+        else:
+            both = torch.stack(vals) if ids is not None else vals
+            batch.ref_logps, batch.kl_ref_logps = both[:, 0], both[:, 1]
+        return batch
+
+    def _reference_logps(self, batch):
+        """Per example: PairBatch → (2,) [chosen, rejected]; FeedbackBatch → (2,) [own, mismatched]."""
+        seqs = [batch.seqs] if isinstance(batch, PairBatch) else [batch.seqs, batch.kl_seqs]
+        outs = []
+        for s in seqs:
+            parts = [s.select(slice(a, b)) for a, b in _bounds(s.batch_size, len(self.reference))]
+            refs = [a.sequence_logps.remote(p) for a, p in zip(self.reference.actors, parts) if p.batch_size]
+            outs.append(torch.cat(self.reference.get(refs, "reference log-probs")))
+        if isinstance(batch, PairBatch):
+            return outs[0]  # (2B,) interleaved
+        return torch.stack(outs, -1)  # (B, 2)
+
+    def precompute_reference(self) -> None:
+        """Reference log-probs for every training example, once (the default: the reference actor idles after)."""
+        t = time.perf_counter()
+        chunk = 64
+        for start in range(0, len(self.train), chunk):
+            ids = list(range(start, min(start + chunk, len(self.train))))
+            batch = self.stage.collate([self.train[i] for i in ids], self.pad_id)
+            vals = self._reference_logps(batch)
+            for j, i in enumerate(ids):
+                self.ref_cache[i] = vals[2 * j : 2 * j + 2] if isinstance(batch, PairBatch) else vals[j]
+        self.log(f"reference log-probs for {len(self.train)} examples cached in {time.perf_counter() - t:.1f} s")
+
+    def evaluate(self) -> dict:
+        """Held-out loss and stats. Every rank evaluates the whole set (ZeRO-3 ranks must run in lockstep)."""
+        out: dict[str, float] = {}
+        total = 0
+        for start in range(0, len(self.held), 64):
+            batch = self._with_reference(self.stage.collate(self.held[start : start + 64], self.pad_id), None)
+            stats = self.trainer.get([a.evaluate.remote(batch, self.stage.objective, **self.hparams) for a in self.trainer.actors],
+                                     "evaluate")[0]
+            n = batch.batch_size
+            for k, v in stats.items():
+                out[k] = out.get(k, 0.0) + v * n
+            total += n
+        return {f"eval/{k}": v / total for k, v in out.items()}
+
+    def train_step(self) -> dict:
+        ids = self.sampler.next()
+        batch = self._with_reference(self.stage.collate([self.train[i] for i in ids], self.pad_id),
+                                     ids if self.ref_cache else None)
+        ranks = len(self.trainer)
+        shards = [batch.select(slice(a, b)) for a, b in _bounds(batch.batch_size, ranks)]
+        t = time.perf_counter()
+        stats = self.trainer.get([a.update.remote(s, self.stage.objective, epochs=1, **self.hparams)
+                                  for a, s in zip(self.trainer.actors, shards)], "update")
+        secs = time.perf_counter() - t
+        m = {f"train/{k}": sum(s[k] for s in stats) / ranks for k in stats[0] if k not in ("train_tokens", "train_seconds")}
+        m["tps/train"] = sum(s["train_tokens"] for s in stats) / max(secs, 1e-9)
+        m["time/step"] = secs
+        m["epoch"] = self.sampler.epoch + self.sampler.index / len(self.train)
+        return m
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        steps = math.ceil(cfg.schedule.num_epochs * len(self.train) / self.batch)
+        steps_per_epoch = max(1, round(len(self.train) / self.batch))
+        out = Path(cfg.output_dir)
+        sink = MetricsSink(out, append=False)
+        summary: dict = {"steps": steps}
+        try:
+            if self.reference is not None and cfg.preference.reference_mode == "precompute":
+                self.precompute_reference()
+            before = self.evaluate()
+            sink.log(0, before)
+            summary["eval_before"] = {k: before[f"eval/{k}"] for k in self.stage.headline if f"eval/{k}" in before}
+            self.log(f"step 0: held-out " + "  ".join(f"{k} {v:+.4f}" for k, v in summary["eval_before"].items()))
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, desc=self.stage.objective, dynamic_ncols=True, mininterval=0)
+            for step in range(1, steps + 1):
+                m = self.train_step()
+                if step % steps_per_epoch == 0 or step == steps:
+                    m.update(self.evaluate())
+                sink.log(step, m)
+                bar.set_postfix(loss=f"{m['train/loss']:.4f}")
+                bar.update(1)
+            bar.close()
+            after = read_metrics(sink.path)[-1]
+            summary["eval_after"] = {k: after[f"eval/{k}"] for k in self.stage.headline if f"eval/{k}" in after}
+        finally:
+            sink.close()
+        model_dir = out / self.stage.output
+        ray.get([a.save_pretrained.remote(str(model_dir)) for a in self.trainer.actors])
+        keys = ["train/loss", "eval/loss"]
+        png = plot_curve(read_metrics(sink.path), keys, out / "loss_curve.png", f"{self.stage.objective} loss")
+        summary.update(metrics=str(sink.path), curve=str(png), model=str(model_dir))
+        return summary
+
+
+def _bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    b = [round(i * n / parts) for i in range(parts + 1)]
+    return list(zip(b[:-1], b[1:]))
+
+
+def run_offline(cfg: RunConfig, log=print) -> dict:
+    """SFT, reward-model training or the offline DPO family: validate, start actors, train, save."""
+    preflight(cfg)
+    stage = stage_for(cfg)
+    tokenizer = load_tokenizer(cfg.policy.model_name_or_path)
+    train, held = load_stage_data(cfg, stage, tokenizer, log)
+    if stage is KTO and cfg.algorithm.mini_batch_size < 2:
+        raise ValueError("KTO estimates its reference point from the batch: set algorithm.mini_batch_size >= 2")
+    init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
+    use_gpu = cfg.cluster.device == "cuda" or (cfg.cluster.device == "auto" and cluster_has_gpus())
+    t, r = cfg.policy, cfg.reference
+    specs = [RoleSpec("policy" if stage.trainer is PolicyActor else "reward_model", t.num_nodes, t.num_gpus_per_node)]
+    needs_ref = stage in (DPO, KTO) and cfg.preference.needs_reference
+    if needs_ref:
+        specs.append(RoleSpec("reference", r.num_nodes, r.num_gpus_per_node))
+    check_capacity(specs, use_gpu)
+    kw = dict(use_gpu=use_gpu, cpus_per_actor=cfg.cluster.cpus_per_actor)
+    trainer = ActorGroup(specs[0], stage.trainer, **kw)
+    reference = ActorGroup(specs[1], ReferenceActor, **kw) if needs_ref else None
+    try:
+        addr, port = ray.get(trainer.actors[0].free_port.remote())
+        pending = [(trainer, [a.init.remote(
+            world_size=len(trainer), master_addr=addr, master_port=port, model_path=t.model_name_or_path,
+            zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer, offload_params=t.offload_params,
+            gradient_checkpointing=t.gradient_checkpointing, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+            adam_betas=tuple(t.adam_betas), max_grad_norm=t.max_grad_norm, warmup_steps=t.warmup_steps,
+            micro_batch_size=t.micro_batch_size, mini_batch_size=cfg.algorithm.mini_batch_size, dtype=t.dtype,
+            seed=cfg.seed) for a in trainer.actors])]
+        if reference is not None:
+            pending.append((reference, [a.init.remote(r.model_name_or_path, micro_batch_size=r.micro_batch_size, dtype=r.dtype)
+                                        for a in reference.actors]))
+        for g, refs in pending:
+            g.get(refs, "init")
+        log("actors ready: " + ", ".join(f"{g.role}×{len(g)}" for g in (trainer, reference) if g is not None))
+        run = OfflineRun(cfg, stage, trainer, reference, tokenizer.pad_token_id, train, held, log)
+        return run.fit()
+    finally:
+        trainer.shutdown()
+        if reference is not None:
+            reference.shutdown()

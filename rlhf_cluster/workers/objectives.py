@@ -1,0 +1,105 @@
+"""Training objectives: the model forward a method needs plus its loss from :mod:`rlhf_cluster.algos`.
+
+One registry; a trainer runs ``OBJECTIVES[name](model, micro_batch, **hyper_params)``
+inside its mini-batch loop, so every method (PPO, the critic, SFT, reward modelling, the
+DPO family, KTO) trains on the same DeepSpeed trainer. Each returns ``(loss, stats)``;
+stats are detached 0-d tensors averaged over micro-batches by the caller.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from rlhf_cluster.algos.core import masked_mean
+from rlhf_cluster.algos.ppo import ppo_policy_loss, ppo_value_loss
+from rlhf_cluster.algos.preference import bradley_terry_loss, get_preference_loss, kto_loss
+from rlhf_cluster.experience import Experience, FeedbackBatch, PairBatch
+from rlhf_cluster.models import action_logprobs_and_entropy, sequence_scores, token_values
+
+OBJECTIVES: dict[str, Callable] = {}
+
+
+def register_objective(name: str):
+    def deco(fn):
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} registered twice")
+        OBJECTIVES[name] = fn
+        return fn
+
+    return deco
+
+
+def get_objective(name: str) -> Callable:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; valid: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+def sequence_logps(model, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_t log π(a_t|s_t) over each response (B,) and the response lengths (B,)."""
+    logp, _ = action_logprobs_and_entropy(model, exp.input_ids, exp.attention_mask, exp.num_actions)
+    return (logp * exp.action_mask).sum(-1), exp.action_mask.sum(-1)
+
+
+@register_objective("ppo")
+def ppo_objective(model, m: Experience, *, clip_eps_low, clip_eps_high, dual_clip, entropy_coef):
+    logp, ent = action_logprobs_and_entropy(model, m.input_ids, m.attention_mask, m.num_actions, with_entropy=True)
+    pg_loss, stats = ppo_policy_loss(logp, m.old_logprobs, m.advantages, m.action_mask, clip_eps_low, clip_eps_high, dual_clip)
+    entropy = masked_mean(ent, m.action_mask)
+    return pg_loss - entropy_coef * entropy, {"pg_loss": pg_loss.detach(), "entropy": entropy.detach(), **stats}
+
+
+@register_objective("value")
+def value_objective(model, m: Experience, *, value_clip):
+    v = token_values(model, m.input_ids, m.attention_mask, m.num_actions)
+    return ppo_value_loss(v, m.values, m.returns, m.action_mask, value_clip)
+
+
+@register_objective("sft")
+def sft_objective(model, m: Experience):
+    """Negative log-likelihood of the response tokens only (token mean)."""
+    logp, _ = action_logprobs_and_entropy(model, m.input_ids, m.attention_mask, m.num_actions)
+    nll = -masked_mean(logp, m.action_mask)
+    return nll, {"nll": nll.detach()}
+
+
+def _pair_stats(chosen_rewards, rejected_rewards) -> dict:
+    return {"chosen_rewards": chosen_rewards.mean(), "rejected_rewards": rejected_rewards.mean(),
+            "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+            "accuracy": (chosen_rewards > rejected_rewards).float().mean()}
+
+
+@register_objective("pairwise")
+def pairwise_objective(model, m: PairBatch, *, loss, beta, label_smoothing=0.0, simpo_gamma=0.0):
+    """The DPO family (dpo, cdpo, ipo, hinge, simpo, orpo) on interleaved chosen/rejected rows."""
+    spec = get_preference_loss(loss)
+    logps, lengths = sequence_logps(model, m.seqs)
+    ref = m.ref_logps
+    if spec.needs_reference and ref is None:
+        raise ValueError(f"loss {loss!r} needs reference log-probs in the batch")
+    losses, cr, rr = spec.fn(
+        chosen_logps=logps[0::2], rejected_logps=logps[1::2], chosen_lengths=lengths[0::2], rejected_lengths=lengths[1::2],
+        ref_chosen_logps=None if ref is None else ref[0::2], ref_rejected_logps=None if ref is None else ref[1::2],
+        beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)
+    return losses.mean(), _pair_stats(cr, rr)
+
+
+@register_objective("kto")
+def kto_objective(model, m: FeedbackBatch, *, beta, desirable_weight, undesirable_weight):
+    logps, _ = sequence_logps(model, m.seqs)
+    with torch.no_grad():  # only the detached reference point uses the mismatched pairs
+        kl_logps, _ = sequence_logps(model, m.kl_seqs)
+    loss, stats = kto_loss(policy_logps=logps, ref_logps=m.ref_logps, kl_policy_logps=kl_logps, kl_ref_logps=m.kl_ref_logps,
+                           desirable=m.desirable, beta=beta, desirable_weight=desirable_weight,
+                           undesirable_weight=undesirable_weight)
+    return loss, {**stats, "reward_margin": stats["chosen_rewards_mean"] - stats["rejected_rewards_mean"]}
+
+
+@register_objective("bradley_terry")
+def bradley_terry_objective(model, m: PairBatch):
+    """Reward-model training on a scalar-head model: −log σ(r_c − r_r − m)."""
+    scores = sequence_scores(model, m.seqs.input_ids, m.seqs.attention_mask)
+    loss, stats = bradley_terry_loss(scores[0::2], scores[1::2], m.margin)
+    return loss, {**stats, "chosen_scores": scores[0::2].mean().detach(), "rejected_scores": scores[1::2].mean().detach()}
