@@ -156,8 +156,8 @@ class PPORun:
         """Spread prompts over the engines; samples of one prompt stay adjacent."""
         engines = self.roles.rollout
         parts = _split(len(prompts), len(engines))
-        refs = [e.generate.remote([p.prompt_ids for p in prompts[s]], **{**self.sampling, "n": n}, seed=seed + i)
-                for i, (e, s) in enumerate(zip(engines.actors, parts))]
+        refs = [e.generate.remote([p.prompt_ids for p in prompts[s]], **{**self.sampling, "n": n}, seed=seed + s.start)
+                for e, s in zip(engines.actors, parts)]
         results = engines.get(refs, "generate")
         samples = [x for part, _ in results for x in part]
         stats = {"gen_tokens": sum(s["gen_tokens"] for _, s in results)}
@@ -231,7 +231,7 @@ class PPORun:
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         prompts = self.sampler.next()
-        seed = self.cfg.seed * 1_000_003 + self.step * 101
+        seed = (self.cfg.seed * 1_000_003 + self.step * 65_537) % 2**31  # prompt i of the step samples with seed + i
 
         t = time.perf_counter()
         exp, prompt_texts, responses, gen_stats = self.generate(prompts, self.cfg.rollout.n_samples_per_prompt, seed)
