@@ -95,3 +95,28 @@ def test_actor_failure_names_role_and_rank(local_ray, tmp_path):
             group.init_trainers(model_path=str(tmp_path / "missing"), micro_batch_size=1, mini_batch_size=1)
     finally:
         group.shutdown()
+
+
+def test_two_data_parallel_ranks_give_the_same_dpo_loss(local_ray, tiny_model_dir):
+    from rlhf_cluster.experience import PairBatch
+
+    g = torch.Generator().manual_seed(3)
+    B = 8
+    prompts = [torch.randint(10, 700, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g).tolist() for _ in range(B) for _ in range(2)]
+    responses = [torch.randint(10, 700, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(2 * B)]
+    pairs = PairBatch(build_experience(prompts, responses, pad_id=0), ref_logps=-40 + torch.randn(2 * B, generator=g))
+    results = {}
+    for ranks in (1, 2):
+        group = _group("policy", PolicyActor, ranks)
+        try:
+            group.init_trainers(**_trainer_kwargs(tiny_model_dir, zero_stage=2))
+            shards = [pairs.select(slice(i * B // ranks, (i + 1) * B // ranks)) for i in range(ranks)]
+            stats = ray.get([a.update.remote(s, "pairwise", epochs=1, capture_grads=True, loss="dpo", beta=0.1)
+                             for a, s in zip(group.actors, shards)])
+            results[ranks] = (sum(s["loss"] for s in stats) / ranks, stats[0]["grads"])
+        finally:
+            group.shutdown()
+    (loss1, grads1), (loss2, grads2) = results[1], results[2]
+    assert loss1 == pytest.approx(loss2, rel=1e-5)
+    for name in grads1:
+        assert torch.allclose(grads1[name], grads2[name], rtol=1e-4, atol=1e-6), name
