@@ -47,6 +47,18 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             print(build_tiny_model(args.out_dir, args.kind, args.seed))
             return 0
+        from rlhf_cluster.pipeline import is_pipeline, load_pipeline, run_pipeline
+
+        if is_pipeline(args.config):
+            stages = load_pipeline(args.config, args.overrides)
+            if args.address:
+                for st in stages:
+                    st.config.cluster.address = args.address
+            results = run_pipeline(stages, run_method)
+            for name, summary in results.items():
+                print(f"\n--- {name}")
+                print_summary(summary)
+            return 0
         overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
         cfg = load_config(args.config, overrides)
         from rlhf_cluster.config import preflight
@@ -74,12 +86,12 @@ def run_method(cfg, resume: bool = False) -> dict:
         from rlhf_cluster.drivers.ppo import run_ppo
 
         return run_ppo(cfg, resume=resume)
-    if resume:
-        raise ConfigError(f"--resume is supported for ppo runs; method={cfg.method} stages restart from their inputs")
     if cfg.method == "online_dpo":
         from rlhf_cluster.drivers.online_dpo import run_online_dpo
 
-        return run_online_dpo(cfg)
+        return run_online_dpo(cfg, resume=resume)
+    if resume:
+        raise ConfigError(f"--resume is supported for ppo and online_dpo runs; method={cfg.method} restarts from its inputs")
     from rlhf_cluster.drivers.offline import run_offline
 
     return run_offline(cfg)

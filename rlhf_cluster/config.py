@@ -260,6 +260,12 @@ class RunConfig(_Strict):
         return self
 
     @property
+    def needs_reference(self) -> bool:
+        if self.method == "ppo":
+            return True
+        return self.method in ("dpo", "online_dpo") and self.preference.needs_reference
+
+    @property
     def needs_critic(self) -> bool:
         return self.method == "ppo" and self.algorithm.advantage_estimator == "gae"
 
@@ -352,8 +358,8 @@ def dump_config(cfg: RunConfig) -> str:
 # ----------------------------------------------------------------------------- preflight
 
 
-def _check_model_dir(field: str, path: str | None) -> None:
-    if path is None:
+def _check_model_dir(field: str, path: str | None, produced: frozenset[str] = frozenset()) -> None:
+    if path is None or path in produced:
         return
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -376,14 +382,18 @@ def resolve_function(spec: str):
     return fn
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Checks that need the file system: run before any actor starts."""
-    _check_model_dir("policy.model_name_or_path", cfg.policy.model_name_or_path)
-    _check_model_dir("reference.model_name_or_path", cfg.reference.model_name_or_path)
+def preflight(cfg: RunConfig, produced: frozenset[str] = frozenset()) -> None:
+    """Checks that need the file system: run before any actor starts.
+
+    ``produced``: model directories an earlier pipeline stage will write (not there yet).
+    """
+    _check_model_dir("policy.model_name_or_path", cfg.policy.model_name_or_path, produced)
+    if cfg.needs_reference:
+        _check_model_dir("reference.model_name_or_path", cfg.reference.model_name_or_path, produced)
     if cfg.method in ("ppo", "online_dpo"):
-        _check_model_dir("reward.model_name_or_path", cfg.reward.model_name_or_path)
+        _check_model_dir("reward.model_name_or_path", cfg.reward.model_name_or_path, produced)
     if cfg.needs_critic:
-        _check_model_dir("critic.model_name_or_path", cfg.critic.model_name_or_path)
+        _check_model_dir("critic.model_name_or_path", cfg.critic.model_name_or_path, produced)
     for field in ("train_path", "eval_path"):
         path = getattr(cfg.data, field)
         if path is not None and not Path(path).exists():

@@ -65,3 +65,32 @@ def test_critic_free_rl_raises_reward_without_a_critic(policy_dir, tmp_path, est
     assert s["eval_after"] > s["eval_before"] + 0.1, s
     r = train_rewards(metrics(tmp_path))
     assert sum(r[-5:]) / 5 > sum(r[:5]) / 5 + 0.05, r
+
+
+def test_online_dpo_raises_reward_on_the_ppo_actors(policy_dir, tmp_path):
+    stdout = run_cli("train", "configs/online_dpo.yaml", f"policy.model_name_or_path={policy_dir}", f"output_dir={tmp_path}",
+                     "schedule.num_steps=25")
+    actors = next(line for line in stdout.splitlines() if line.startswith("actors ready"))
+    assert "critic" not in actors and "rollout×1" in actors and "reference×1" in actors, actors
+    s = summary_of(stdout)
+    assert s["eval_after"] > s["eval_before"] + 0.1, s
+    rows = metrics(tmp_path)
+    assert all(m["pairs/trained"] + m["pairs/untrained_remainder"] + m["pairs/ties"] == 16 for m in rows if "pairs/ties" in m)
+
+
+def test_sft_rm_ppo_pipeline_runs_start_to_finish(policy_dir, tmp_path):
+    import yaml
+
+    pipe = yaml.safe_load(open("configs/pipeline_sft_rm_ppo.yaml"))
+    pipe["output_dir"] = str(tmp_path)
+    pipe["stages"][0]["overrides"] = {"policy.model_name_or_path": str(policy_dir), "schedule.num_epochs": 1}
+    pipe["stages"][1]["overrides"]["schedule.num_epochs"] = 1
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(yaml.safe_dump(pipe))
+    stdout = run_cli("train", str(cfg), "ppo.schedule.num_steps=8")
+    assert "=== stage 3/3: ppo" in stdout
+    for out in ("sft/policy", "rm/reward_model", "ppo/policy"):
+        assert (tmp_path / out / "config.json").is_file(), out
+    ppo = [line for line in stdout.split("--- ppo")[1].splitlines() if line.startswith("summary: ")][0]
+    s = summary_of(ppo)
+    assert s["eval_after"] > s["eval_before"], s  # the PPO stage optimised the RM trained in stage 2

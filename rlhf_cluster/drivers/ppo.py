@@ -48,7 +48,7 @@ def _split(n: int, parts: int) -> list[slice]:
 class Roles:
     policy: ActorGroup
     critic: ActorGroup | None
-    reference: ActorGroup
+    reference: ActorGroup | None
     reward: ActorGroup
     rollout: ActorGroup
 
@@ -75,8 +75,10 @@ def start_roles(cfg: RunConfig) -> Roles:
     }
     if not cfg.needs_critic:
         specs.pop("critic")
+    if not cfg.needs_reference:
+        specs.pop("reference")
     colocated = set()
-    if c.colocate_policy_reference:
+    if c.colocate_policy_reference and "reference" in specs:
         colocated.add("reference")
         specs["reference"] = RoleSpec("reference", cfg.policy.num_nodes, cfg.policy.num_gpus_per_node)
     if c.colocate_critic_reward and "critic" in specs and not cfg.reward.function:
@@ -89,8 +91,10 @@ def start_roles(cfg: RunConfig) -> Roles:
     critic = None
     if "critic" in specs:
         critic = ActorGroup(specs["critic"], CriticActor, gpu_fraction=0.75 if "reward" in colocated else 1.0, **kw)
-    reference = ActorGroup(specs["reference"], ReferenceActor, pg=policy.pg if "reference" in colocated else None,
-                           gpu_fraction=0.25 if "reference" in colocated else 1.0, **kw)
+    reference = None
+    if "reference" in specs:
+        reference = ActorGroup(specs["reference"], ReferenceActor, pg=policy.pg if "reference" in colocated else None,
+                               gpu_fraction=0.25 if "reference" in colocated else 1.0, **kw)
     reward = ActorGroup(specs["reward"], RewardActor, pg=critic.pg if "reward" in colocated else None,
                         gpu_fraction=0.25 if "reward" in colocated else 1.0, **kw)
     rollout = ActorGroup(specs["rollout"], RolloutActor, **kw)
@@ -116,8 +120,9 @@ def init_roles(roles: Roles, cfg: RunConfig) -> None:
         pending.append((group, [x.init.remote(world_size=len(group), master_addr=addr, master_port=port,
                                               **trainer_kwargs(tcfg)) for x in group.actors]))
     ref = cfg.reference
-    pending.append((roles.reference, [x.init.remote(ref.model_name_or_path, micro_batch_size=ref.micro_batch_size,
-                                                    dtype=ref.dtype) for x in roles.reference.actors]))
+    if roles.reference is not None:
+        pending.append((roles.reference, [x.init.remote(ref.model_name_or_path, micro_batch_size=ref.micro_batch_size,
+                                                        dtype=ref.dtype) for x in roles.reference.actors]))
     rw = cfg.reward
     pending.append((roles.reward, [x.init.remote(model_path=rw.model_name_or_path, function=rw.function,
                                                  **({} if rw.function else {"micro_batch_size": rw.micro_batch_size, "dtype": rw.dtype}))
@@ -336,7 +341,7 @@ class PPORun:
                 self.log(f"step 0: held-out reward {ev['eval/reward_mean']:+.4f}   sample: {ev['eval/sample']!r}")
             from tqdm import tqdm
 
-            bar = tqdm(total=s.num_steps, initial=self.step, desc="ppo", dynamic_ncols=True, mininterval=0)
+            bar = tqdm(total=s.num_steps, initial=self.step, desc=cfg.method, dynamic_ncols=True, mininterval=0)
             while self.step < s.num_steps:
                 m = self.train_step()
                 if (s.eval_every and self.step % s.eval_every == 0) or self.step == s.num_steps:
@@ -345,8 +350,7 @@ class PPORun:
                     summary["eval_after"] = ev["eval/reward_mean"]
                     summary["sample_after"] = ev["eval/sample"]
                 sink.log(self.step, m)
-                bar.set_postfix(reward=f"{m['reward/mean']:+.3f}", kl=f"{m['kl/ref_per_token']:.4f}",
-                                gen_tps=f"{m['tps/generation']:.0f}")
+                bar.set_postfix(reward=f"{m['reward/mean']:+.3f}", gen_tps=f"{m['tps/generation']:.0f}")
                 bar.update(1)
                 if (s.save_every and self.step % s.save_every == 0) or self.step == s.num_steps:
                     self.save_checkpoint()
@@ -356,7 +360,7 @@ class PPORun:
         final_policy = self.out / "policy"
         ray.get([x.save_pretrained.remote(str(final_policy)) for x in self.roles.policy.actors])
         metrics = read_metrics(sink.path)
-        png = plot_curve(metrics, ["reward/mean", "eval/reward_mean"], self.out / "reward_curve.png", "PPO reward")
+        png = plot_curve(metrics, ["reward/mean", "eval/reward_mean"], self.out / "reward_curve.png", f"{cfg.method} reward")
         summary.update(metrics=str(sink.path), reward_curve=str(png), policy=str(final_policy), steps=self.step)
         return summary
 
@@ -376,8 +380,11 @@ def load_prompts(cfg: RunConfig, tokenizer, log=print) -> tuple[list, list]:
     return train, held[: cfg.schedule.eval_prompts]
 
 
-def run_ppo(cfg: RunConfig, resume: bool = False, log=print) -> dict:
-    """Validate, start the roles on Ray, train, and shut down. Returns a summary dict."""
+def run_ppo(cfg: RunConfig, resume: bool = False, log=print, run_cls: type | None = None) -> dict:
+    """Validate, start the roles on Ray, train, and shut down. Returns a summary dict.
+
+    ``run_cls`` swaps the loop (online DPO subclasses :class:`PPORun`) on the same actors.
+    """
     preflight(cfg)
     tokenizer = load_tokenizer(cfg.policy.model_name_or_path)
     train, held = load_prompts(cfg, tokenizer, log)
@@ -387,7 +394,7 @@ def run_ppo(cfg: RunConfig, resume: bool = False, log=print) -> dict:
         t = time.perf_counter()
         init_roles(roles, cfg)
         log(f"actors ready in {time.perf_counter() - t:.1f} s: " + ", ".join(f"{g.role}×{len(g)}" for g in roles.all()))
-        run = PPORun(cfg, roles, tokenizer, train, held, log)
+        run = (run_cls or PPORun)(cfg, roles, tokenizer, train, held, log)
         summary = run.fit(resume=resume)
         summary["timeline"] = str(save_timeline(roles, Path(cfg.output_dir) / "timeline.json"))
         return summary

@@ -1,0 +1,123 @@
+"""Pipelines: stages chained in one YAML, each stage's output feeding the next.
+
+    output_dir: runs/pipeline
+    stages:
+      - name: sft
+        config: configs/sft.yaml
+      - name: rm
+        config: configs/rm.yaml
+        overrides: {policy.model_name_or_path: "${sft.policy}"}
+      - name: ppo
+        config: configs/ppo_demo.yaml
+        overrides:
+          policy.model_name_or_path: "${sft.policy}"
+          reward.model_name_or_path: "${rm.reward_model}"
+          reward.function: null
+
+``${NAME.policy}`` / ``${NAME.reward_model}`` name what an earlier stage writes. Stage NAME
+runs in ``output_dir/NAME``. Every stage's config is validated before the first one starts;
+command-line overrides address a stage by its name (``ppo.schedule.num_steps=5``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from rlhf_cluster.config import ConfigError, RunConfig, load_config
+
+_REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\.(policy|reward_model)\}")
+_KNOWN = {"output_dir", "stages"}
+_STAGE_KEYS = {"name", "config", "overrides"}
+
+
+@dataclass
+class Stage:
+    name: str
+    config: RunConfig
+    produced_inputs: set[str]  # config paths that earlier stages will create
+
+
+def is_pipeline(path: str | Path) -> bool:
+    try:
+        tree = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(tree, dict) and "stages" in tree
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[Stage]:
+    p = Path(path)
+    tree = yaml.safe_load(p.read_text()) or {}
+    unknown = set(tree) - _KNOWN
+    if unknown:
+        raise ConfigError(f"pipeline {p}: unknown top-level keys {sorted(unknown)}; a pipeline has only {sorted(_KNOWN)}")
+    out_root = Path(tree.get("output_dir") or "runs/pipeline")
+    stages_raw = tree.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise ConfigError(f"pipeline {p}: 'stages' must be a non-empty list of {{name, config, overrides}}")
+    names = [s.get("name") if isinstance(s, dict) else None for s in stages_raw]
+    for i, s in enumerate(stages_raw):
+        if not isinstance(s, dict) or not s.get("name") or not s.get("config"):
+            raise ConfigError(f"pipeline {p}: stage {i + 1} needs a 'name' and a 'config'")
+        extra = set(s) - _STAGE_KEYS
+        if extra:
+            raise ConfigError(f"pipeline {p}: stage {s['name']!r} has unknown keys {sorted(extra)}; allowed: {sorted(_STAGE_KEYS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"pipeline {p}: stage names must be unique, got {names}")
+    by_stage: dict[str, list[str]] = {n: [] for n in names}
+    for text in overrides:
+        head, _, rest = text.partition(".")
+        if head not in by_stage or not rest:
+            raise ConfigError(f"pipeline override {text!r} must start with a stage name ({', '.join(names)}), "
+                              f"e.g. {names[-1]}.schedule.num_steps=5")
+        by_stage[head].append(rest)
+
+    stages: list[Stage] = []
+    outputs: dict[str, dict[str, str]] = {}
+    for s in stages_raw:
+        name = s["name"]
+        cfg_path = Path(s["config"])
+        if not cfg_path.is_absolute() and not cfg_path.exists():
+            cfg_path = p.parent / cfg_path
+        produced: set[str] = set()
+        items = []
+        for key, value in (s.get("overrides") or {}).items():
+            if isinstance(value, str):
+                value = _resolve(value, outputs, name, produced)
+            items.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+        stage_dir = out_root / name
+        cfg = load_config(cfg_path, [*items, f"output_dir={stage_dir}", *by_stage[name]])
+        sub = {"sft": "policy", "dpo": "policy", "ppo": "policy", "online_dpo": "policy", "rm": "reward_model"}[cfg.method]
+        outputs[name] = {sub: str(stage_dir / sub)}
+        stages.append(Stage(name, cfg, produced))
+    return stages
+
+
+def _resolve(value: str, outputs: dict[str, dict[str, str]], stage: str, produced: set[str]) -> str:
+    def sub(m: re.Match) -> str:
+        src, what = m.group(1), m.group(2)
+        if src not in outputs:
+            raise ConfigError(f"stage {stage!r}: ${{{src}.{what}}} names no earlier stage (earlier: {sorted(outputs) or 'none'})")
+        if what not in outputs[src]:
+            raise ConfigError(f"stage {stage!r}: stage {src!r} writes {sorted(outputs[src])}, not {what!r}")
+        produced.add(outputs[src][what])
+        return outputs[src][what]
+
+    return _REF.sub(sub, value)
+
+
+def run_pipeline(stages: list[Stage], run_stage, log=print) -> dict:
+    """Check every stage's files up front (skipping what earlier stages will write), then run in order."""
+    from rlhf_cluster.config import preflight
+
+    for st in stages:
+        preflight(st.config, frozenset(st.produced_inputs))
+    results = {}
+    for i, st in enumerate(stages, 1):
+        log(f"\n=== stage {i}/{len(stages)}: {st.name} ({st.config.method}) -> {st.config.output_dir}")
+        results[st.name] = run_stage(st.config)
+    return results
