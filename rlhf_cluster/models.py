@@ -81,17 +81,30 @@ def action_logprobs_and_entropy(model, input_ids, attention_mask, num_actions: i
     return logp, (entropy_from_logits(logits) if with_entropy else None)
 
 
+def _score_per_token(model, input_ids, attention_mask) -> torch.Tensor:
+    """The scalar head on every position: (B, L).
+
+    Runs the model's own forward (through the DeepSpeed engine when ``model`` is one, so
+    ZeRO-3 gathers the head's weights) and captures the head's per-token output with a hook:
+    the model's pooled ``logits`` assume right padding, and we need every position anyway.
+    """
+    module = getattr(model, "module", model)  # a DeepSpeedEngine wraps the HF model in .module
+    captured = []
+    handle = module.score.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
+    finally:
+        handle.remove()
+    return captured[0].squeeze(-1).float()
+
+
 def token_values(model, input_ids, attention_mask, num_actions: int) -> torch.Tensor:
     """Critic values V(s_t) at the states that emit the last ``num_actions`` tokens: (B, A)."""
-    backbone = getattr(model, model.base_model_prefix)
-    h = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-    return model.score(h[:, -num_actions - 1 : -1]).squeeze(-1).float()
+    return _score_per_token(model, input_ids, attention_mask)[:, -num_actions - 1 : -1]
 
 
 def sequence_scores(model, input_ids, attention_mask) -> torch.Tensor:
     """Reward r(x, y): the score head at each row's last real token: (B,)."""
-    backbone = getattr(model, model.base_model_prefix)
-    h = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-    L = attention_mask.shape[1]
-    last = L - 1 - attention_mask.flip(-1).long().argmax(-1)  # index of the last 1 in each row
-    return model.score(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1).float()
+    per_token = _score_per_token(model, input_ids, attention_mask)
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)  # index of the last 1 in each row
+    return per_token[torch.arange(per_token.shape[0], device=per_token.device), last]

@@ -4,7 +4,7 @@ import pytest
 import ray
 import torch
 
-from rlhf_cluster.cluster.actors import PolicyActor, RolloutActor
+from rlhf_cluster.cluster.actors import CriticActor, PolicyActor, RolloutActor
 from rlhf_cluster.cluster.groups import ActorFailure, ActorGroup, RoleSpec, init_ray
 from rlhf_cluster.experience import Experience, build_experience
 
@@ -118,5 +118,27 @@ def test_two_data_parallel_ranks_give_the_same_dpo_loss(local_ray, tiny_model_di
             group.shutdown()
     (loss1, grads1), (loss2, grads2) = results[1], results[2]
     assert loss1 == pytest.approx(loss2, rel=1e-5)
+    for name in grads1:
+        assert torch.allclose(grads1[name], grads2[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_two_data_parallel_critic_ranks_match_one_under_zero3(local_ray, tiny_model_dir):
+    """The scalar head under ZeRO-3 (its weights are partitioned): same value loss and gradients."""
+    exp = _batch(seed=4)
+    g = torch.Generator().manual_seed(5)
+    exp.values, exp.returns = torch.randn(exp.action_mask.shape, generator=g), torch.randn(exp.action_mask.shape, generator=g)
+    results = {}
+    for ranks in (1, 2):
+        group = _group("critic", CriticActor, ranks)
+        try:
+            group.init_trainers(**_trainer_kwargs(tiny_model_dir, zero_stage=3))
+            stats = ray.get([a.update.remote(s, "value", epochs=1, capture_grads=True, value_clip=0.2)
+                             for a, s in zip(group.actors, exp.chunk(ranks))])
+            results[ranks] = (sum(s["loss"] for s in stats) / ranks, stats[0]["grads"])
+        finally:
+            group.shutdown()
+    (loss1, grads1), (loss2, grads2) = results[1], results[2]
+    assert loss1 == pytest.approx(loss2, rel=1e-5)
+    assert grads1["score.weight"].abs().sum() > 0
     for name in grads1:
         assert torch.allclose(grads1[name], grads2[name], rtol=1e-4, atol=1e-6), name

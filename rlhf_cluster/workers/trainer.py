@@ -145,7 +145,7 @@ class _DeepSpeedTrainer:
             for start in range(0, batch.batch_size, per_rank):
                 micros = list(self._micro_batches(batch.select(order[start : start + per_rank])))
                 for j, micro in enumerate(micros):
-                    loss, stats = fn(self.engine.module, micro, **hparams)
+                    loss, stats = fn(self.engine, micro, **hparams)
                     self.engine.backward(loss)
                     if capture_grads and grads is None and j == len(micros) - 1:
                         grads = self._full_grads()
@@ -171,7 +171,7 @@ class _DeepSpeedTrainer:
         self.engine.eval()
         sums: dict[str, float] = {}
         for micro in self._micro_batches(batch):
-            loss, stats = fn(self.engine.module, micro, **hparams)
+            loss, stats = fn(self.engine, micro, **hparams)
             for k, v in {"loss": loss, **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * micro.batch_size
         return {k: v / batch.batch_size for k, v in sums.items()}
@@ -242,7 +242,7 @@ class PolicyTrainer(_DeepSpeedTrainer):
     def logprobs(self, exp: Experience) -> torch.Tensor:
         """log π_θ(a_t|s_t): (B, A) for this rank's shard."""
         self.engine.eval()
-        out = [action_logprobs_and_entropy(self.engine.module, m.input_ids, m.attention_mask, exp.num_actions)[0].cpu()
+        out = [action_logprobs_and_entropy(self.engine, m.input_ids, m.attention_mask, exp.num_actions)[0].cpu()
                for m in self._micro_batches(exp)]
         return torch.cat(out)
 
@@ -257,5 +257,5 @@ class CriticTrainer(_DeepSpeedTrainer):
     def values(self, exp: Experience) -> torch.Tensor:
         """V_φ(s_t): (B, A) for this rank's shard."""
         self.engine.eval()
-        return torch.cat([token_values(self.engine.module, m.input_ids, m.attention_mask, exp.num_actions).cpu()
+        return torch.cat([token_values(self.engine, m.input_ids, m.attention_mask, exp.num_actions).cpu()
                           for m in self._micro_batches(exp)])
