@@ -325,19 +325,34 @@ def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> st
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+def _read_tree(p: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML file as a dict; ``base: other.yaml`` (relative to the file) is loaded first and overlaid."""
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    if p.resolve() in seen:
+        raise ConfigError(f"config file {str(p)!r}: 'base' chain loops back to itself")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections at the top level")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    return _deep_merge(_read_tree(p.parent / base, (*seen, p.resolve())), tree)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Merge a YAML file (optional) with dotted overrides and validate the result."""
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections at the top level")
+    """Merge a YAML file (optional; it may name a ``base`` file it extends) with dotted overrides, and validate."""
+    tree: dict = _read_tree(Path(path)) if path is not None else {}
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)

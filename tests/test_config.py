@@ -99,3 +99,25 @@ def test_preflight_checks_files(tmp_path):
     cfg = load_config(None, [f"policy.model_name_or_path={tmp_path/'m'}", "reward.function=rlhf_cluster.config:nope", "data.train_path=/no/such.jsonl"])
     with pytest.raises(ConfigError, match="data.train_path='/no/such.jsonl' does not exist"):
         preflight(cfg)
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    from rlhf_cluster.pipeline import is_pipeline, load_pipeline
+
+    configs = sorted(Path("configs").glob("*.yaml"))
+    assert len(configs) >= 15
+    for p in configs:
+        stages = load_pipeline(p) if is_pipeline(p) else [load_config(p)]
+        assert stages, p
+
+
+def test_base_file_is_extended(tmp_path):
+    (tmp_path / "a.yaml").write_text("policy:\n  model_name_or_path: /m\n  zero_stage: 3\nreward:\n  function: x:y\ndata:\n  train_path: t\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\npolicy:\n  learning_rate: 0.5\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert cfg.policy.zero_stage == 3 and cfg.policy.learning_rate == 0.5 and cfg.policy.model_name_or_path == "/m"
+    (tmp_path / "c.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "c.yaml")

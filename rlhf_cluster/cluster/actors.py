@@ -56,74 +56,64 @@ class _Shell:
         return list(self._spans)
 
 
-class PolicyActor(_Shell):
-    role = "policy"
+class _TrainerShell(_Shell):
+    """What every DeepSpeed trainer rank exposes: init, update/evaluate by objective, saving."""
+
+    def _make_worker(self, **kwargs):
+        raise NotImplementedError
 
     def init(self, **kwargs) -> None:
+        with self._span("init"):
+            self.worker = self._make_worker(rank=self.rank, **kwargs)
+
+    def update(self, batch, objective: str, **kwargs) -> dict:
+        with self._span(f"{self.role}_{objective}"):
+            return self.worker.update(batch, objective, **kwargs)
+
+    def evaluate(self, batch, objective: str, **kwargs) -> dict:
+        with self._span(f"eval_{objective}"):
+            return self.worker.evaluate(batch, objective, **kwargs)
+
+    def save_pretrained(self, out_dir: str) -> None:
+        with self._span("save"):
+            self.worker.save_pretrained(out_dir)
+
+    def save_checkpoint(self, ckpt_dir: str, tag: str) -> None:
+        with self._span("save"):
+            self.worker.save_checkpoint(ckpt_dir, tag)
+
+    def load_checkpoint(self, ckpt_dir: str, tag: str) -> None:
+        self.worker.load_checkpoint(ckpt_dir, tag)
+
+
+class PolicyActor(_TrainerShell):
+    role = "policy"
+
+    def _make_worker(self, **kwargs):
         from rlhf_cluster.workers.trainer import PolicyTrainer
 
-        with self._span("init"):
-            self.worker = PolicyTrainer(rank=self.rank, **kwargs)
+        return PolicyTrainer(**kwargs)
 
     def logprobs(self, exp: Experience) -> torch.Tensor:
         with self._span("old_logprobs"):
             return self.worker.logprobs(exp)
 
-    def update(self, batch, objective: str, **kwargs) -> dict:
-        with self._span(f"policy_{objective}"):
-            return self.worker.update(batch, objective, **kwargs)
-
-    def evaluate(self, batch, objective: str, **kwargs) -> dict:
-        with self._span(f"eval_{objective}"):
-            return self.worker.evaluate(batch, objective, **kwargs)
-
     def export_state_dict(self) -> dict | None:
         with self._span("export_weights"):
             return self.worker.export_state_dict()
 
-    def save_pretrained(self, out_dir: str) -> None:
-        with self._span("save"):
-            self.worker.save_pretrained(out_dir)
 
-    def save_checkpoint(self, ckpt_dir: str, tag: str) -> None:
-        with self._span("save"):
-            self.worker.save_checkpoint(ckpt_dir, tag)
-
-    def load_checkpoint(self, ckpt_dir: str, tag: str) -> None:
-        self.worker.load_checkpoint(ckpt_dir, tag)
-
-
-class CriticActor(_Shell):
+class CriticActor(_TrainerShell):
     role = "critic"
 
-    def init(self, **kwargs) -> None:
+    def _make_worker(self, **kwargs):
         from rlhf_cluster.workers.trainer import CriticTrainer
 
-        with self._span("init"):
-            self.worker = CriticTrainer(rank=self.rank, **kwargs)
+        return CriticTrainer(**kwargs)
 
     def values(self, exp: Experience) -> torch.Tensor:
         with self._span("values"):
             return self.worker.values(exp)
-
-    def update(self, batch, objective: str, **kwargs) -> dict:
-        with self._span(f"critic_{objective}"):
-            return self.worker.update(batch, objective, **kwargs)
-
-    def evaluate(self, batch, objective: str, **kwargs) -> dict:
-        with self._span(f"eval_{objective}"):
-            return self.worker.evaluate(batch, objective, **kwargs)
-
-    def save_pretrained(self, out_dir: str) -> None:
-        with self._span("save"):
-            self.worker.save_pretrained(out_dir)
-
-    def save_checkpoint(self, ckpt_dir: str, tag: str) -> None:
-        with self._span("save"):
-            self.worker.save_checkpoint(ckpt_dir, tag)
-
-    def load_checkpoint(self, ckpt_dir: str, tag: str) -> None:
-        self.worker.load_checkpoint(ckpt_dir, tag)
 
 
 class ReferenceActor(_Shell):
