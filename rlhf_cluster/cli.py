@@ -61,9 +61,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
         cfg = load_config(args.config, overrides)
-        from rlhf_cluster.config import preflight
-
-        preflight(cfg)
         summary = run_method(cfg, resume=args.resume)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

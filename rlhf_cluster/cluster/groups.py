@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -116,15 +116,13 @@ class ActorGroup:
                     pass
             raise ActorFailure(f"{self.role} failed during {what}: {_cause(e)}") from e
 
-    def map(self, fn: Callable, items: Sequence, what: str):
-        """``fn(actor, item)`` for each (actor, item) pair, concurrently; returns refs."""
-        return [fn(a, x) for a, x in zip(self.actors, items)]
+    def start_trainers(self, **kwargs) -> list:
+        """Start loading every rank into one torch.distributed group (rank 0 hosts the rendezvous); returns refs."""
+        addr, port = ray.get(self.actors[0].free_port.remote())
+        return [a.init.remote(world_size=len(self), master_addr=addr, master_port=port, **kwargs) for a in self.actors]
 
     def init_trainers(self, **kwargs) -> None:
-        """Form one torch.distributed group over the ranks (rank 0 hosts the rendezvous)."""
-        addr, port = ray.get(self.actors[0].free_port.remote())
-        self.get([a.init.remote(world_size=len(self), master_addr=addr, master_port=port, **kwargs) for a in self.actors],
-                 "init")
+        self.get(self.start_trainers(**kwargs), "init")
 
     def init_all(self, **kwargs) -> None:
         self.get([a.init.remote(**kwargs) for a in self.actors], "init")

@@ -35,7 +35,7 @@ from rlhf_cluster.data import (
     load_rows,
     preference_to_feedback,
 )
-from rlhf_cluster.drivers.common import EpochSampler, MetricsSink, plot_curve, read_metrics
+from rlhf_cluster.drivers.common import EpochSampler, MetricsSink, plot_curve, read_metrics, trainer_kwargs
 from rlhf_cluster.experience import Experience, FeedbackBatch, PairBatch, build_experience
 from rlhf_cluster.models import load_tokenizer
 
@@ -234,7 +234,7 @@ class OfflineRun:
             before = self.evaluate()
             sink.log(0, before)
             summary["eval_before"] = {k: before[f"eval/{k}"] for k in self.stage.headline if f"eval/{k}" in before}
-            self.log(f"step 0: held-out " + "  ".join(f"{k} {v:+.4f}" for k, v in summary["eval_before"].items()))
+            self.log("step 0: held-out " + "  ".join(f"{k} {v:+.4f}" for k, v in summary["eval_before"].items()))
             from tqdm import tqdm
 
             bar = tqdm(total=steps, desc=self.stage.objective, dynamic_ncols=True, mininterval=0)
@@ -283,14 +283,7 @@ def run_offline(cfg: RunConfig, log=print) -> dict:
     trainer = ActorGroup(specs[0], stage.trainer, **kw)
     reference = ActorGroup(specs[1], ReferenceActor, **kw) if needs_ref else None
     try:
-        addr, port = ray.get(trainer.actors[0].free_port.remote())
-        pending = [(trainer, [a.init.remote(
-            world_size=len(trainer), master_addr=addr, master_port=port, model_path=t.model_name_or_path,
-            zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer, offload_params=t.offload_params,
-            gradient_checkpointing=t.gradient_checkpointing, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
-            adam_betas=tuple(t.adam_betas), max_grad_norm=t.max_grad_norm, warmup_steps=t.warmup_steps,
-            micro_batch_size=t.micro_batch_size, mini_batch_size=cfg.algorithm.mini_batch_size, dtype=t.dtype,
-            seed=cfg.seed) for a in trainer.actors])]
+        pending = [(trainer, trainer.start_trainers(**trainer_kwargs(t, cfg.algorithm.mini_batch_size, cfg.seed)))]
         if reference is not None:
             pending.append((reference, [a.init.remote(r.model_name_or_path, micro_batch_size=r.micro_batch_size, dtype=r.dtype)
                                         for a in reference.actors]))

@@ -6,7 +6,6 @@ takes plain arguments. The four scoring calls run concurrently, and so do the tw
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from rlhf_cluster.drivers.common import (
     load_driver_state,
     plot_curve,
     read_metrics,
+    trainer_kwargs,
     rng_state,
     set_rng_state,
 )
@@ -103,22 +103,10 @@ def start_roles(cfg: RunConfig) -> Roles:
 
 def init_roles(roles: Roles, cfg: RunConfig) -> None:
     """Load every model. Trainers form their process groups; all roles load concurrently."""
-    a = cfg.algorithm
-
-    def trainer_kwargs(t):
-        return dict(model_path=t.model_name_or_path, zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer,
-                    offload_params=t.offload_params, gradient_checkpointing=t.gradient_checkpointing,
-                    learning_rate=t.learning_rate, weight_decay=t.weight_decay, adam_betas=tuple(t.adam_betas),
-                    max_grad_norm=t.max_grad_norm, warmup_steps=t.warmup_steps, micro_batch_size=t.micro_batch_size,
-                    mini_batch_size=a.mini_batch_size, dtype=t.dtype, seed=cfg.seed)
-
     pending = []
     for group, tcfg in ((roles.policy, cfg.policy), (roles.critic, cfg.critic)):
-        if group is None:
-            continue
-        addr, port = ray.get(group.actors[0].free_port.remote())
-        pending.append((group, [x.init.remote(world_size=len(group), master_addr=addr, master_port=port,
-                                              **trainer_kwargs(tcfg)) for x in group.actors]))
+        if group is not None:
+            pending.append((group, group.start_trainers(**trainer_kwargs(tcfg, cfg.algorithm.mini_batch_size, cfg.seed))))
     ref = cfg.reference
     if roles.reference is not None:
         pending.append((roles.reference, [x.init.remote(ref.model_name_or_path, micro_batch_size=ref.micro_batch_size,
