@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEMO_CONFIG ?= configs/ppo_demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench bench-sync clean
 
 install: $(STAMP)
 
@@ -38,6 +38,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ppo.py
+
+bench-sync: $(STAMP)
+	$(BIN)/python benchmarks/bench_sync.py
 
 clean:
 	rm -rf runs .pytest_cache

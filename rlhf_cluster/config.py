@@ -103,6 +103,11 @@ class RolloutConfig(_Strict):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM's share of GPU memory.")
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV-cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
     enforce_eager: bool = Field(True, description="Skip CUDA-graph capture (faster start, slower decode).")
+    weight_sync: Literal["auto", "nccl", "gloo", "object_store"] = Field(
+        "auto", description="How new policy weights reach the engines: vLLM's weight-transfer protocol over nccl (GPU) or "
+        "gloo (CPU, or GPUs without a fast interconnect) broadcast groups, or object_store (rank 0's state dict through "
+        "Ray's object store, then vLLM's reload_weights). auto: nccl on GPU clusters, gloo otherwise.")
+    weight_sync_bucket_mb: float = Field(64.0, gt=0, description="Broadcast bucket size for nccl/gloo weight sync.")
 
 
 class DataConfig(_Strict):
@@ -247,6 +252,8 @@ class RunConfig(_Strict):
                     f"schedule.prompts_per_step × rollout.n_samples_per_prompt = {batch} sequences per step is not a multiple "
                     f"of algorithm.mini_batch_size={a.mini_batch_size}; pick a mini_batch_size that divides {batch}"
                 )
+        if r.weight_sync == "nccl" and self.cluster.device == "cpu":
+            raise ValueError("rollout.weight_sync=nccl needs GPUs but cluster.device=cpu: use weight_sync=gloo (or auto)")
         if self.method == "online_dpo" and s.prompts_per_step % a.mini_batch_size:
             raise ValueError(f"online_dpo makes one pair per prompt: schedule.prompts_per_step={s.prompts_per_step} must be a "
                              f"multiple of algorithm.mini_batch_size={a.mini_batch_size}")

@@ -6,6 +6,7 @@ import torch
 
 from rlhf_cluster.cluster.actors import CriticActor, PolicyActor, RolloutActor
 from rlhf_cluster.cluster.groups import ActorFailure, ActorGroup, RoleSpec, init_ray
+from rlhf_cluster.drivers.ppo import connect_weight_sync
 from rlhf_cluster.experience import Experience, build_experience
 
 pytestmark = pytest.mark.slow
@@ -36,31 +37,44 @@ def _trainer_kwargs(model, **kw):
     return dict(model_path=str(model), micro_batch_size=2, mini_batch_size=8, learning_rate=1e-2, seed=0, **kw)
 
 
-def test_weight_sync_is_exact(local_ray, tiny_model_dir):
-    policy, engine = _group("policy", PolicyActor), _group("rollout", RolloutActor)
+@pytest.mark.parametrize("backend,zero_stage,ranks,engines", [
+    ("object_store", 2, 1, 1),  # rank 0's state dict through Ray, vLLM reload_weights
+    ("gloo", 3, 2, 2),          # vLLM's weight-transfer protocol: ZeRO-3 gathers on both ranks, one group for 2 engines
+])
+def test_weight_sync_is_exact(local_ray, tiny_model_dir, backend, zero_stage, ranks, engines):
+    policy, rollout = _group("policy", PolicyActor, ranks), _group("rollout", RolloutActor, engines)
     try:
-        policy.init_trainers(**_trainer_kwargs(tiny_model_dir, zero_stage=2))
-        engine.init_all(model_path=str(tiny_model_dir), max_model_len=64)
+        policy.init_trainers(**_trainer_kwargs(tiny_model_dir, zero_stage=zero_stage))
+        rollout.init_all(model_path=str(tiny_model_dir), max_model_len=64,
+                         weight_transfer=None if backend == "object_store" else backend)
+        if backend != "object_store":
+            connect_weight_sync(policy, rollout, backend, tensor_parallel_size=1, bucket_bytes=1 << 20)  # several buckets
         exp = _batch()
         seqs = exp.input_ids.tolist()
-        p, e = policy.actors[0], engine.actors[0]
 
-        trainer_before = ray.get(p.logprobs.remote(exp))
-        engine_before = torch.tensor(ray.get(e.sequence_logprobs.remote(seqs, exp.num_actions)))
-        assert torch.allclose(engine_before, trainer_before, atol=1e-4), (engine_before - trainer_before).abs().max()
+        def engine_logprobs():
+            return [torch.tensor(x) for x in ray.get([e.sequence_logprobs.remote(seqs, exp.num_actions) for e in rollout.actors])]
+
+        trainer_before = torch.cat(ray.get([a.logprobs.remote(s) for a, s in zip(policy.actors, exp.chunk(ranks))]))
+        for got in engine_logprobs():
+            assert torch.allclose(got, trainer_before, atol=1e-4), (got - trainer_before).abs().max()
 
         exp.old_logprobs = trainer_before
-        ray.get(p.update.remote(exp, "ppo", epochs=1, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, entropy_coef=0.0))
-        state = p.export_state_dict.remote()
-        ray.get(e.load_weights.remote(state, 1))
+        ray.get([a.update.remote(s, "ppo", epochs=1, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, entropy_coef=0.0)
+                 for a, s in zip(policy.actors, exp.chunk(ranks))])
+        if backend == "object_store":
+            states = [a.export_state_dict.remote() for a in policy.actors]
+            ray.get([e.load_weights.remote(states[0], 1) for e in rollout.actors])
+        else:
+            ray.get([a.send_weights.remote(1) for a in policy.actors])
 
-        trainer_after = ray.get(p.logprobs.remote(exp))
-        engine_after = torch.tensor(ray.get(e.sequence_logprobs.remote(seqs, exp.num_actions)))
+        trainer_after = torch.cat(ray.get([a.logprobs.remote(s) for a, s in zip(policy.actors, exp.chunk(ranks))]))
         assert (trainer_after - trainer_before).abs().max() > 1e-2  # the update changed the policy
-        assert torch.allclose(engine_after, trainer_after, atol=1e-4), (engine_after - trainer_after).abs().max()
+        for got in engine_logprobs():
+            assert torch.allclose(got, trainer_after, atol=1e-4), (got - trainer_after).abs().max()
     finally:
         policy.shutdown()
-        engine.shutdown()
+        rollout.shutdown()
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])

@@ -102,6 +102,27 @@ class PolicyActor(_TrainerShell):
         with self._span("export_weights"):
             return self.worker.export_state_dict()
 
+    def init_weight_transfer(self, backend: str, engines: list, workers_per_engine: int, master_address: str,
+                             master_port: int, bucket_bytes: int) -> None:
+        """Every rank: join vLLM's weight transfer (rank 0 sends, the others take part in ZeRO-3 gathers)."""
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+        from rlhf_cluster import vllm_plugin
+        from rlhf_cluster.workers.weight_transfer import TrainerWeightSource, trainer_init_info
+
+        vllm_plugin.register()
+        with self._span("weight_transfer_init"):
+            self.client = EngineClient(engines, workers_per_engine)
+            info = trainer_init_info(backend, rank=self.rank, master_address=master_address, master_port=master_port,
+                                     world_size=1 + len(engines) * workers_per_engine, bucket_bytes=bucket_bytes)
+            self.transfer = WeightTransferTrainerFactory.trainer_init(
+                info, client=self.client, source=TrainerWeightSource(self.worker.engine.module, self.worker.zero_stage == 3))
+
+    def send_weights(self, version: int) -> None:
+        with self._span("send_weights"):
+            self.client.version = version
+            self.transfer.send_weights()
+
 
 class CriticActor(_TrainerShell):
     role = "critic"
@@ -165,5 +186,49 @@ class RolloutActor(_Shell):
         with self._span("load_weights"):
             return self.worker.load_weights(state, version)
 
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.worker.init_weight_transfer_engine(init_info)
+
+    def start_weight_update(self) -> None:
+        self.worker.start_weight_update()
+
+    def update_weights(self, update_info: dict) -> None:
+        with self._span("receive_weights"):
+            self.worker.update_weights(update_info)
+
+    def finish_weight_update(self, version: int) -> None:
+        self.worker.finish_weight_update(version)
+
     def sequence_logprobs(self, sequences: list[list[int]], num_actions: int) -> list[list[float]]:
         return self.worker.sequence_logprobs(sequences, num_actions)
+
+
+class EngineClient:
+    """vLLM's ``VLLMWeightSyncClient`` over rollout actors: each call fans out to every engine and waits.
+
+    Engines are separate vLLM instances, so engine i's workers take the transfer-group
+    ranks after engine i-1's (vLLM numbers workers within one instance only).
+    """
+
+    def __init__(self, engines: list, workers_per_engine: int):
+        self.engines = engines
+        self.workers_per_engine = workers_per_engine
+        self.version = 0
+
+    def _all(self, method: str, *args_of) -> None:
+        import ray
+
+        ray.get([getattr(e, method).remote(*(a(i) for a in args_of)) for i, e in enumerate(self.engines)])
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._all("init_weight_transfer_engine",
+                  lambda i: {**init_info, "rank_offset": init_info["rank_offset"] + i * self.workers_per_engine})
+
+    def start_weight_update(self) -> None:
+        self._all("start_weight_update")
+
+    def update_weights(self, update_info: dict) -> None:
+        self._all("update_weights", lambda i: update_info)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._all("finish_weight_update", lambda i: self.version)

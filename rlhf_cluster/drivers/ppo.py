@@ -51,6 +51,7 @@ class Roles:
     reference: ActorGroup | None
     reward: ActorGroup
     rollout: ActorGroup
+    weight_sync: str = "object_store"  # resolved backend: nccl, gloo or object_store
 
     def all(self) -> list[ActorGroup]:
         return [g for g in (self.policy, self.critic, self.reference, self.reward, self.rollout) if g is not None]
@@ -85,6 +86,9 @@ def start_roles(cfg: RunConfig) -> Roles:
         colocated.add("reward")
         specs["reward"] = RoleSpec("reward", cfg.critic.num_nodes, cfg.critic.num_gpus_per_node)
     check_capacity(list(specs.values()), use_gpu, colocated)
+    weight_sync = r.weight_sync if r.weight_sync != "auto" else ("nccl" if use_gpu else "gloo")
+    if weight_sync == "nccl" and not use_gpu:
+        raise ValueError("rollout.weight_sync=nccl needs GPUs, and this cluster has none: use weight_sync=gloo (or auto)")
 
     kw = dict(use_gpu=use_gpu, cpus_per_actor=c.cpus_per_actor)
     policy = ActorGroup(specs["policy"], PolicyActor, gpu_fraction=0.75 if "reference" in colocated else 1.0, **kw)
@@ -98,7 +102,7 @@ def start_roles(cfg: RunConfig) -> Roles:
     reward = ActorGroup(specs["reward"], RewardActor, pg=critic.pg if "reward" in colocated else None,
                         gpu_fraction=0.25 if "reward" in colocated else 1.0, **kw)
     rollout = ActorGroup(specs["rollout"], RolloutActor, **kw)
-    return Roles(policy, critic, reference, reward, rollout)
+    return Roles(policy, critic, reference, reward, rollout, weight_sync)
 
 
 def init_roles(roles: Roles, cfg: RunConfig) -> None:
@@ -121,10 +125,22 @@ def init_roles(roles: Roles, cfg: RunConfig) -> None:
                                                   tensor_parallel_size=r.tensor_parallel_size,
                                                   gpu_memory_utilization=r.gpu_memory_utilization,
                                                   cpu_kv_cache_gib=r.cpu_kv_cache_gib, enforce_eager=r.enforce_eager,
-                                                  dtype=cfg.policy.dtype)
+                                                  dtype=cfg.policy.dtype,
+                                                  weight_transfer=None if roles.weight_sync == "object_store" else roles.weight_sync)
                                     for i, x in enumerate(roles.rollout.actors)]))
     for group, refs in pending:
         group.get(refs, "init")
+    if roles.weight_sync != "object_store":
+        connect_weight_sync(roles.policy, roles.rollout, roles.weight_sync, r.tensor_parallel_size,
+                            int(r.weight_sync_bucket_mb * 2**20))
+
+
+def connect_weight_sync(policy: ActorGroup, rollout: ActorGroup, backend: str, tensor_parallel_size: int,
+                        bucket_bytes: int) -> None:
+    """Policy rank 0 and every engine worker form one broadcast group (vLLM's weight-transfer protocol)."""
+    addr, port = ray.get(policy.actors[0].free_port.remote())
+    policy.get([x.init_weight_transfer.remote(backend, rollout.actors, tensor_parallel_size, addr, port, bucket_bytes)
+                for x in policy.actors], "weight-transfer setup")
 
 
 class PPORun:
@@ -214,6 +230,11 @@ class PPORun:
     def sync_weights(self) -> float:
         """Policy rank 0's full weights into every engine before the next rollout; returns seconds."""
         R = self.roles
+        if R.weight_sync != "object_store":
+            t = time.perf_counter()
+            self.weights_version += 1
+            R.policy.get([x.send_weights.remote(self.weights_version) for x in R.policy.actors], "weight sync")
+            return time.perf_counter() - t
         export = [x.export_state_dict.remote() for x in R.policy.actors]  # every rank (ZeRO-3 gathers)
         self.weights_version += 1
         loads = [e.load_weights.remote(export[0], self.weights_version) for e in R.rollout.actors]

@@ -32,18 +32,22 @@ class RolloutEngine:
 
     def __init__(self, model_path: str, *, seed: int = 0, max_model_len: int = 1024, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, cpu_kv_cache_gib: float = 1.0, enforce_eager: bool = True,
-                 dtype: str = "auto"):
+                 dtype: str = "auto", weight_transfer: str | None = None):
         if tensor_parallel_size == 1:
             # Keep the engine in this process: ~3x faster start, and collective_rpc needs no pickling.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cpu_kv_cache_gib)))))
         from vllm import LLM
 
+        from rlhf_cluster import vllm_plugin
+
+        vllm_plugin.register()  # also an entry point; this covers an environment whose metadata is stale
         on_gpu = torch.cuda.is_available()
         vllm_dtype = {"auto": "bfloat16" if on_gpu else "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
         self.llm = LLM(model=model_path, dtype=vllm_dtype, seed=seed, max_model_len=max_model_len,
                        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                       enforce_eager=enforce_eager, enable_prefix_caching=False)
+                       enforce_eager=enforce_eager, enable_prefix_caching=False,
+                       weight_transfer_config={"backend": weight_transfer} if weight_transfer else None)
         self.weights_version = 0
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, max_new_tokens: int, temperature: float = 1.0,
@@ -85,8 +89,23 @@ class RolloutEngine:
             res.append([pl[i][seq[i]].logprob for i in range(len(seq) - num_actions, len(seq))])
         return res
 
+    # vLLM's weight-transfer protocol (see rlhf_cluster.workers.weight_transfer); the trainer drives it.
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.collective_rpc("start_weight_update")
+
+    def update_weights(self, update_info: dict) -> None:
+        self.llm.collective_rpc("update_weights", kwargs={"update_info": update_info})
+
+    def finish_weight_update(self, version: int) -> None:
+        self.llm.collective_rpc("finish_weight_update")
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.weights_version = version
+
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> float:
-        """Replace the weights in place; returns the seconds it took."""
+        """Replace the weights in place from a state dict (the ``object_store`` sync); returns seconds."""
         t0 = time.perf_counter()
         self.llm.collective_rpc(_reload_weights, args=(state,))
         # Cached KV blocks were computed with the old weights.

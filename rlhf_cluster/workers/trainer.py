@@ -92,6 +92,7 @@ class _DeepSpeedTrainer:
         torch.manual_seed(seed)  # same initial head on every rank
         self.device = pick_device()
         self.dtype = resolve_dtype(dtype, self.device)
+        self.zero_stage = zero_stage
         self.ds_config = deepspeed_config(
             zero_stage=zero_stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
             micro_batch_size=micro_batch_size, mini_batch_size=mini_batch_size, world_size=world_size,
@@ -189,7 +190,7 @@ class _DeepSpeedTrainer:
         module = self.engine.module
         params = list(module.parameters())
         out = {}
-        if self.ds_config["zero_optimization"]["stage"] == 3:
+        if self.zero_stage == 3:
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 if self.rank == 0:
                     out = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}

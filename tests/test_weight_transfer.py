@@ -1,0 +1,83 @@
+"""The gloo weight-transfer backend's pure parts, and how the backend is chosen and validated."""
+
+import pytest
+import torch
+
+from rlhf_cluster.config import load_config
+from rlhf_cluster.workers.weight_transfer import (
+    GlooWeightTransferUpdateInfo,
+    TrainerWeightSource,
+    bucket_plan,
+    trainer_init_info,
+)
+
+
+def test_bucket_plan_cuts_at_size_and_dtype_changes():
+    #            0   1   2   3    4   5
+    numels = [10, 20, 30, 100, 5, 5]
+    dtypes = ["float32", "float32", "float32", "float32", "bfloat16", "bfloat16"]
+    sizes = [4, 4, 4, 4, 2, 2]
+    # 40 + 80 bytes fit in 128; +120 would not; 400 travels alone; the dtype change cuts.
+    assert bucket_plan(numels, dtypes, sizes, 128) == [range(0, 2), range(2, 3), range(3, 4), range(4, 6)]
+
+
+def test_bucket_plan_covers_every_tensor_once_in_order():
+    g = torch.Generator().manual_seed(0)
+    numels = torch.randint(1, 500, (200,), generator=g).tolist()
+    dtypes = ["float32" if x % 3 else "bfloat16" for x in torch.randint(0, 9, (200,), generator=g).tolist()]
+    sizes = [4 if d == "float32" else 2 for d in dtypes]
+    plan = bucket_plan(numels, dtypes, sizes, 1000)
+    assert [i for r in plan for i in r] == list(range(200))
+    for r in plan:
+        assert len({dtypes[i] for i in r}) == 1
+        assert len(r) == 1 or sum(numels[i] * sizes[i] for i in r) <= 1000
+
+
+def test_bucket_plan_empty():
+    assert bucket_plan([], [], [], 10) == []
+
+
+def test_update_info_rejects_mismatched_metadata():
+    with pytest.raises(ValueError, match="2 names, 1 dtypes"):
+        GlooWeightTransferUpdateInfo(names=["a", "b"], dtype_names=["float32"], shapes=[[1], [2]])
+
+
+def test_weight_source_metadata_matches_iteration():
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    src = TrainerWeightSource(m, zero3=False)
+    meta = src.metadata()
+    pairs = list(src)
+    assert [x.name for x in meta] == [n for n, _ in pairs] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert [x.shape for x in meta] == [tuple(t.shape) for _, t in pairs]
+
+
+def test_trainer_init_info_per_backend():
+    info = trainer_init_info("gloo", rank=0, master_address="h", master_port=1, world_size=3, bucket_bytes=7)
+    assert info.backend == "gloo" and info.is_sender and info.bucket_bytes == 7
+    assert not trainer_init_info("gloo", rank=1, master_address="h", master_port=1, world_size=3).is_sender
+    with pytest.raises(ValueError, match="object_store"):
+        trainer_init_info("object_store", rank=0, master_address="h", master_port=1, world_size=2)
+
+
+def test_nccl_weight_sync_on_a_cpu_cluster_is_refused_up_front(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("policy: {model_name_or_path: /m}\ndata: {train_path: /d.jsonl}\nreward: {function: 'a:b'}\n")
+    with pytest.raises(ValueError, match="weight_sync=nccl needs GPUs"):
+        load_config(cfg, ["rollout.weight_sync=nccl", "cluster.device=cpu"])
+    with pytest.raises(ValueError, match="weight_sync"):
+        load_config(cfg, ["rollout.weight_sync=broadcast"])
+    assert load_config(cfg, []).rollout.weight_sync == "auto"
+
+
+def test_the_vllm_plugin_registers_gloo_in_both_factories():
+    from importlib.metadata import entry_points
+
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+
+    assert "rlhf_cluster" in {e.name for e in entry_points(group="vllm.general_plugins")}
+    from rlhf_cluster import vllm_plugin
+
+    vllm_plugin.register()
+    vllm_plugin.register()  # vLLM may load plugins more than once per process
+    assert WeightTransferEngineFactory._registry["gloo"]().__name__ == "GlooWeightTransferEngine"
+    assert WeightTransferTrainerFactory._registry["gloo"]().__name__ == "GlooTrainerWeightTransferEngine"
