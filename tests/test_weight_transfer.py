@@ -1,13 +1,24 @@
-"""The gloo weight-transfer backend's pure parts, and how the backend is chosen and validated."""
+"""The gloo weight-transfer backend: its transport between two ranks, its pure parts, and how it is chosen."""
+
+import socket
+import threading
 
 import pytest
 import torch
 
 from rlhf_cluster.config import load_config
+from rlhf_cluster.workers.broadcast import (
+    Meta,
+    bucket_plan,
+    dtype_name,
+    join_group,
+    layer_runs,
+    receive_buckets,
+    send_buckets,
+)
 from rlhf_cluster.workers.weight_transfer import (
     GlooWeightTransferUpdateInfo,
     TrainerWeightSource,
-    bucket_plan,
     trainer_init_info,
 )
 
@@ -35,6 +46,53 @@ def test_bucket_plan_covers_every_tensor_once_in_order():
 
 def test_bucket_plan_empty():
     assert bucket_plan([], [], [], 10) == []
+
+
+def test_layer_runs_group_consecutive_names_of_one_layer():
+    names = ["model.embed.weight", "model.layers.0.a", "model.layers.0.b", "model.layers.1.a", "model.layers.10.a",
+             "model.norm.weight", "lm_head.weight"]
+    assert layer_runs(names) == [["model.embed.weight"], ["model.layers.0.a", "model.layers.0.b"], ["model.layers.1.a"],
+                                 ["model.layers.10.a"], ["model.norm.weight"], ["lm_head.weight"]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 300, 1 << 20])  # one tensor per bucket, a few per bucket, all in one
+def test_broadcast_delivers_every_tensor_exactly(bucket_bytes):
+    g = torch.Generator().manual_seed(0)
+    sent = [("a", torch.randn(3, 5, generator=g)), ("b", torch.randn(7, generator=g)),
+            ("c", torch.randn(4, 4, generator=g).to(torch.bfloat16)), ("d", torch.randn(2, 3, generator=g).to(torch.bfloat16)),
+            ("e", torch.randn(1, generator=g)), ("f", torch.randn(30, 2, generator=g).t())]  # non-contiguous
+    meta = [Meta(n, t.dtype, tuple(t.shape)) for n, t in sent]
+    port, got, errors = _free_port(), [], []
+
+    def receiver():
+        try:
+            _, group = join_group("127.0.0.1", port, 1, 2, timeout_s=60)
+            receive_buckets(group, [m.name for m in meta], [dtype_name(m.dtype) for m in meta], [list(m.shape) for m in meta],
+                            bucket_bytes, lambda pairs: got.extend((n, t.clone()) for n, t in pairs))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    th = threading.Thread(target=receiver)
+    th.start()
+    _, group = join_group("127.0.0.1", port, 0, 2, timeout_s=60)
+    nbytes = send_buckets(group, sent, meta, bucket_bytes)
+    th.join(60)
+    assert not errors, errors
+    assert [n for n, _ in got] == [n for n, _ in sent]
+    for (_, a), (_, b) in zip(sent, got):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    assert nbytes == sum(t.numel() * t.element_size() for _, t in sent)
+
+
+def test_send_refuses_a_source_that_disagrees_with_its_metadata():
+    with pytest.raises(ValueError, match="declared 'x'"):
+        send_buckets(None, [("y", torch.zeros(2))], [Meta("x", torch.float32, (2,))], 1 << 20)
 
 
 def test_update_info_rejects_mismatched_metadata():
