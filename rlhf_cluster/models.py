@@ -71,12 +71,36 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Move each row's leading padding to its end: ``(ids, mask, lead)`` with ``lead`` the pads moved.
+
+    Rows of the experience layout start with padding, and a causal model then has query
+    rows that attend to nothing. On CUDA the fused SDPA kernels turn those rows into
+    non-finite gradients in bf16 (an H200 run: every step skipped as overflow), while the
+    forward looks fine. With all padding at the end every query sees at least one real
+    token; real tokens keep their positions (``position_ids`` counts real tokens only).
+    """
+    L = attention_mask.shape[1]
+    lead = (attention_mask.long().cumsum(-1) == 0).sum(-1)
+    idx = (torch.arange(L, device=attention_mask.device)[None, :] + lead[:, None]) % L
+    return input_ids.gather(1, idx), attention_mask.gather(1, idx), lead
+
+
+def _from_aligned(positions: torch.Tensor, lead: torch.Tensor, length: int) -> torch.Tensor:
+    """Where original positions (B, K) sit in the left-aligned rows."""
+    return (positions - lead[:, None]) % length
+
+
 def action_logprobs_and_entropy(model, input_ids, attention_mask, num_actions: int, with_entropy: bool = False):
     """log π(a_t|s_t) for the last ``num_actions`` tokens: (B, A), and optionally entropy (B, A)."""
     from rlhf_cluster.algos.core import entropy_from_logits
 
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
-    logits = out.logits[:, -num_actions - 1 : -1].float()
+    ids, mask, lead = left_align(input_ids, attention_mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+    B, L = input_ids.shape
+    # The logits that predict the last A tokens sit at original positions L-A-1 .. L-2.
+    where = _from_aligned(torch.arange(L - num_actions - 1, L - 1, device=ids.device).expand(B, -1), lead, L)
+    logits = out.logits.gather(1, where[..., None].expand(-1, -1, out.logits.shape[-1])).float()
     logp = logprobs_from_logits(logits, input_ids[:, -num_actions:])
     return logp, (entropy_from_logits(logits) if with_entropy else None)
 
@@ -91,11 +115,14 @@ def _score_per_token(model, input_ids, attention_mask) -> torch.Tensor:
     module = getattr(model, "module", model)  # a DeepSpeedEngine wraps the HF model in .module
     captured = []
     handle = module.score.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    ids, mask, lead = left_align(input_ids, attention_mask)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
+        model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
     finally:
         handle.remove()
-    return captured[0].squeeze(-1).float()
+    B, L = input_ids.shape
+    aligned = captured[0].squeeze(-1).float()
+    return aligned.gather(1, _from_aligned(torch.arange(L, device=ids.device).expand(B, -1), lead, L))
 
 
 def token_values(model, input_ids, attention_mask, num_actions: int) -> torch.Tensor:
