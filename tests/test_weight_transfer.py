@@ -139,3 +139,45 @@ def test_the_vllm_plugin_registers_gloo_in_both_factories():
     vllm_plugin.register()  # vLLM may load plugins more than once per process
     assert WeightTransferEngineFactory._registry["gloo"]().__name__ == "GlooWeightTransferEngine"
     assert WeightTransferTrainerFactory._registry["gloo"]().__name__ == "GlooTrainerWeightTransferEngine"
+
+
+class _FailingEngines:
+    """A weight-sync client whose engines reject the update (what a broken engine does): the sender must not wait."""
+
+    def __init__(self, fail_at: str):
+        self.fail_at = fail_at
+
+    def init_weight_transfer_engine(self, init_info):
+        if self.fail_at == "init":
+            raise ValueError("engine refused the transfer group")
+        from rlhf_cluster.workers.broadcast import join_group
+
+        self.store, self.group = join_group(init_info["master_address"], init_info["master_port"], 1, 2, 60)
+
+    def start_weight_update(self):
+        pass
+
+    def update_weights(self, update_info):
+        raise ValueError("engine refused the update")
+
+    def finish_weight_update(self, weight_version=None):
+        pass
+
+
+@pytest.mark.parametrize("fail_at", ["init", "update"])
+def test_an_engine_failure_surfaces_at_once_instead_of_after_the_group_timeout(fail_at):
+    import time
+
+    from rlhf_cluster.workers.weight_transfer import GlooTrainerWeightTransferEngine
+
+    m = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
+    info = trainer_init_info("gloo", rank=0, master_address="127.0.0.1", master_port=_free_port(), world_size=2,
+                             bucket_bytes=64 * 64 * 4)
+    info.timeout_s = 10  # the rendezvous thread left behind by a failed init ends by then
+    t = time.perf_counter()
+    with pytest.raises(RuntimeError) as err:
+        engine = GlooTrainerWeightTransferEngine.trainer_init(info, client=_FailingEngines(fail_at),
+                                                              source=TrainerWeightSource(m, zero3=False))
+        engine.send_weights()
+    assert time.perf_counter() - t < 30
+    assert "engine refused" in str(err.value.__cause__)

@@ -86,12 +86,18 @@ def _broadcast(group, tensor: torch.Tensor) -> None:
     group.broadcast([tensor], opts).wait()
 
 
-def send_buckets(group, pairs: Iterable[tuple[str, torch.Tensor]], meta: list[Meta], bucket_bytes: int) -> int:
-    """Rank 0: broadcast ``pairs`` (which must match ``meta`` in order) bucket by bucket; returns bytes sent."""
+def send_buckets(group, pairs: Iterable[tuple[str, torch.Tensor]], meta: list[Meta], bucket_bytes: int,
+                 before_bucket: Callable[[], None] | None = None) -> int:
+    """Rank 0: broadcast ``pairs`` (which must match ``meta`` in order) bucket by bucket; returns bytes sent.
+
+    ``before_bucket`` runs before each broadcast and may raise to stop (e.g. a receiver failed).
+    """
     plan = plan_for([dtype_name(m.dtype) for m in meta], [list(m.shape) for m in meta], bucket_bytes)
     it = iter(pairs)
     sent = 0
     for run in plan:
+        if before_bucket is not None:
+            before_bucket()
         parts = []
         for i in run:
             name, t = next(it)

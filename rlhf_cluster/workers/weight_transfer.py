@@ -20,7 +20,7 @@ ZeRO-3 partitions one decoder layer at a time (every trainer rank iterates it in
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -150,12 +150,21 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         worker_info = GlooWeightTransferInitInfo(
             master_address=init_info.master_address, master_port=init_info.master_port, rank_offset=1,
             world_size=init_info.world_size, bucket_bytes=init_info.bucket_bytes, timeout_s=init_info.timeout_s)
-        # The workers block in the rendezvous until rank 0 joins too: ask them from a side thread.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            joined = pool.submit(client.init_weight_transfer_engine, asdict(worker_info))
-            engine.store, engine.group = join_group(init_info.master_address, init_info.master_port, 0,
-                                                    init_info.world_size, init_info.timeout_s)
-            joined.result()
+        # The workers block in the rendezvous until rank 0 joins too, so both sides run at once;
+        # whichever fails first is raised at once instead of after the other side's timeout.
+        pool = ThreadPoolExecutor(max_workers=2)
+        try:
+            workers = pool.submit(client.init_weight_transfer_engine, asdict(worker_info))
+            ours = pool.submit(join_group, init_info.master_address, init_info.master_port, 0, init_info.world_size,
+                               init_info.timeout_s)
+            wait([workers, ours], return_when=FIRST_EXCEPTION)
+            for f in (workers, ours):
+                if f.done() and f.exception() is not None:
+                    raise RuntimeError("gloo weight transfer: setting up the broadcast group failed") from f.exception()
+            workers.result()
+            engine.store, engine.group = ours.result()
+        finally:
+            pool.shutdown(wait=False)
         return engine
 
     def send_weights(self) -> None:
@@ -170,8 +179,21 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         pool = ThreadPoolExecutor(max_workers=1)
         try:
             received = pool.submit(self.client.update_weights, asdict(info))
-            send_buckets(self.group, self.source, meta, self.bucket_bytes)
-            received.result()
+
+            def engines_still_receiving(wait_s: float | None = 0) -> None:
+                # An engine that failed would leave us waiting in a broadcast until the group times out.
+                if wait_s is None or received.done():
+                    try:
+                        received.result(timeout=wait_s)
+                    except Exception as e:
+                        raise RuntimeError("an engine failed while receiving weights") from e
+
+            try:
+                send_buckets(self.group, self.source, meta, self.bucket_bytes, before_bucket=engines_still_receiving)
+            except Exception:
+                engines_still_receiving()  # an engine's own error explains a broken broadcast best
+                raise
+            engines_still_receiving(wait_s=None)
         finally:
             # If the broadcast failed the workers are stuck in theirs; waiting would hang.
             pool.shutdown(wait=False)
