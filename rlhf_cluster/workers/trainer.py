@@ -110,6 +110,7 @@ class _DeepSpeedTrainer:
         optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=tuple(adam_betas), weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=sched, config=self.ds_config)
+        _uncount_state_materialising_step(self.engine)
         self.tokenizer = load_tokenizer(model_path) if rank == 0 else None
         self.update_count = 0
 
@@ -217,6 +218,22 @@ class _DeepSpeedTrainer:
         if client is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {ckpt_dir}")
         self.update_count = client.get("update_count", 0)
+
+
+def _uncount_state_materialising_step(engine) -> None:
+    """Undo the step count of the optimizer step DeepSpeed takes on zero gradients at start-up.
+
+    Without ZeRO (stage 0) a bf16/fp16 model gets DeepSpeed's unfused half-precision wrapper,
+    which creates the optimizer state by stepping once on zero gradients. The moments stay zero,
+    but Adam counts the step, so its bias correction runs one step ahead and the first real
+    updates are ~0.73x the learning rate (seen on an H200: Adam's step = optimizer steps + 1).
+    """
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(engine.optimizer, FP16_UnfusedOptimizer):
+        for state in engine.optimizer.optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
