@@ -36,7 +36,7 @@ def _bench_size(name: str, model_dir: Path, a) -> dict:
 
     from rlhf_cluster.cluster.actors import PolicyActor, RolloutActor
     from rlhf_cluster.cluster.groups import ActorGroup, RoleSpec
-    from rlhf_cluster.drivers.ppo import connect_weight_sync
+    from rlhf_cluster.drivers.ppo import connect_weight_sync, sync_weights
 
     backend = "nccl" if torch.cuda.is_available() and a.use_gpu else "gloo"
     kw = dict(use_gpu=a.use_gpu, cpus_per_actor=0.01)
@@ -50,21 +50,14 @@ def _bench_size(name: str, model_dir: Path, a) -> dict:
         mbytes = sum(t.numel() * t.element_size() for t in params.values()) / 2**20
         del params
 
-        def object_store(version):
-            states = [x.export_state_dict.remote() for x in policy.actors]
-            ray.get([e.load_weights.remote(states[0], version) for e in rollout.actors] + states[1:])
-
-        def broadcast(version):
-            ray.get([x.send_weights.remote(version) for x in policy.actors])
-
-        times = {"object_store": [], "broadcast": []}
+        paths = {"object_store": "object_store", "broadcast": backend}  # label -> sync backend
+        times = {label: [] for label in paths}
         version = 0
-        for r in range(a.rounds + 1):  # round 0 warms both paths up
-            for label, fn in (("object_store", object_store), ("broadcast", broadcast)) if r % 2 else (
-                    ("broadcast", broadcast), ("object_store", object_store)):
+        for r in range(a.rounds + 1):  # round 0 warms both paths up; the order alternates
+            for label in sorted(paths, reverse=bool(r % 2)):
                 version += 1
                 t = time.perf_counter()
-                fn(version)
+                sync_weights(policy, rollout, paths[label], version)
                 if r:
                     times[label].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}

@@ -6,7 +6,7 @@ import torch
 
 from rlhf_cluster.cluster.actors import CriticActor, PolicyActor, RolloutActor
 from rlhf_cluster.cluster.groups import ActorFailure, ActorGroup, RoleSpec, init_ray
-from rlhf_cluster.drivers.ppo import connect_weight_sync
+from rlhf_cluster.drivers.ppo import connect_weight_sync, sync_weights
 from rlhf_cluster.experience import Experience, build_experience
 
 pytestmark = pytest.mark.slow
@@ -62,11 +62,7 @@ def test_weight_sync_is_exact(local_ray, tiny_model_dir, backend, zero_stage, ra
         exp.old_logprobs = trainer_before
         ray.get([a.update.remote(s, "ppo", epochs=1, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, entropy_coef=0.0)
                  for a, s in zip(policy.actors, exp.chunk(ranks))])
-        if backend == "object_store":
-            states = [a.export_state_dict.remote() for a in policy.actors]
-            ray.get([e.load_weights.remote(states[0], 1) for e in rollout.actors])
-        else:
-            ray.get([a.send_weights.remote(1) for a in policy.actors])
+        sync_weights(policy, rollout, backend, version=1)
 
         trainer_after = torch.cat(ray.get([a.logprobs.remote(s) for a, s in zip(policy.actors, exp.chunk(ranks))]))
         assert (trainer_after - trainer_before).abs().max() > 1e-2  # the update changed the policy

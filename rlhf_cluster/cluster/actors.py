@@ -59,12 +59,13 @@ class _Shell:
 class _TrainerShell(_Shell):
     """What every DeepSpeed trainer rank exposes: init, update/evaluate by objective, saving."""
 
-    def _make_worker(self, **kwargs):
-        raise NotImplementedError
+    worker_class = ""  # a class in rlhf_cluster.workers.trainer
 
     def init(self, **kwargs) -> None:
+        from rlhf_cluster.workers import trainer
+
         with self._span("init"):
-            self.worker = self._make_worker(rank=self.rank, **kwargs)
+            self.worker = getattr(trainer, self.worker_class)(rank=self.rank, **kwargs)
 
     def update(self, batch, objective: str, **kwargs) -> dict:
         with self._span(f"{self.role}_{objective}"):
@@ -88,11 +89,7 @@ class _TrainerShell(_Shell):
 
 class PolicyActor(_TrainerShell):
     role = "policy"
-
-    def _make_worker(self, **kwargs):
-        from rlhf_cluster.workers.trainer import PolicyTrainer
-
-        return PolicyTrainer(**kwargs)
+    worker_class = "PolicyTrainer"
 
     def logprobs(self, exp: Experience) -> torch.Tensor:
         with self._span("old_logprobs"):
@@ -126,11 +123,7 @@ class PolicyActor(_TrainerShell):
 
 class CriticActor(_TrainerShell):
     role = "critic"
-
-    def _make_worker(self, **kwargs):
-        from rlhf_cluster.workers.trainer import CriticTrainer
-
-        return CriticTrainer(**kwargs)
+    worker_class = "CriticTrainer"
 
     def values(self, exp: Experience) -> torch.Tensor:
         with self._span("values"):

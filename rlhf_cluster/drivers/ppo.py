@@ -143,6 +143,18 @@ def connect_weight_sync(policy: ActorGroup, rollout: ActorGroup, backend: str, t
                 for x in policy.actors], "weight-transfer setup")
 
 
+def sync_weights(policy: ActorGroup, rollout: ActorGroup, backend: str, version: int) -> None:
+    """Policy weights into every engine: a broadcast (nccl/gloo, after :func:`connect_weight_sync`) or,
+    with ``object_store``, rank 0's exported state dict through Ray (every rank exports: ZeRO-3 gathers)."""
+    if backend != "object_store":
+        policy.get([x.send_weights.remote(version) for x in policy.actors], "weight sync")
+        return
+    export = [x.export_state_dict.remote() for x in policy.actors]
+    loads = [e.load_weights.remote(export[0], version) for e in rollout.actors]
+    policy.get(export[1:], "weight export")
+    rollout.get(loads, "weight load")
+
+
 class PPORun:
     """One PPO-family training run on started actors."""
 
@@ -227,19 +239,10 @@ class PPORun:
             out["tps/train_critic"] = sum(s["train_tokens"] for s in c_stats) / max(max(s["train_seconds"] for s in c_stats), 1e-9)
         return out
 
-    def sync_weights(self) -> float:
-        """Policy rank 0's full weights into every engine before the next rollout; returns seconds."""
-        R = self.roles
-        if R.weight_sync != "object_store":
-            t = time.perf_counter()
-            self.weights_version += 1
-            R.policy.get([x.send_weights.remote(self.weights_version) for x in R.policy.actors], "weight sync")
-            return time.perf_counter() - t
-        export = [x.export_state_dict.remote() for x in R.policy.actors]  # every rank (ZeRO-3 gathers)
+    def sync_weights(self) -> None:
+        """The new policy weights into every engine before the next rollout."""
         self.weights_version += 1
-        loads = [e.load_weights.remote(export[0], self.weights_version) for e in R.rollout.actors]
-        R.policy.get(export[1:], "weight export")
-        return max(R.rollout.get(loads, "weight load"))
+        sync_weights(self.roles.policy, self.roles.rollout, self.roles.weight_sync, self.weights_version)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
