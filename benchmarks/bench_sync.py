@@ -31,22 +31,24 @@ SIZES = {  # name -> TinySpec overrides (head_dim 64 as vLLM CPU needs)
 
 
 def _bench_size(name: str, model_dir: Path, a) -> dict:
-    import ray
     import torch
 
     from rlhf_cluster.cluster.actors import PolicyActor, RolloutActor
-    from rlhf_cluster.cluster.groups import ActorGroup, RoleSpec
-    from rlhf_cluster.drivers.ppo import connect_weight_sync, sync_weights
+    from rlhf_cluster.cluster.groups import ActorGroup
+    from rlhf_cluster.cluster.layout import RoleSpec
+    from rlhf_cluster.cluster.specs import EngineSpec, TrainerSpec
+    from rlhf_cluster.cluster.weight_sync import connect_weight_sync, sync_weights
 
     backend = "nccl" if torch.cuda.is_available() and a.use_gpu else "gloo"
     kw = dict(use_gpu=a.use_gpu, cpus_per_actor=0.01)
     policy = ActorGroup(RoleSpec("policy", 1, a.ranks), PolicyActor, **kw)
     rollout = ActorGroup(RoleSpec("rollout", 1, a.engines), RolloutActor, **kw)
     try:
-        policy.init_trainers(model_path=str(model_dir), zero_stage=a.zero_stage, micro_batch_size=1, mini_batch_size=a.ranks)
-        rollout.init_all(model_path=str(model_dir), max_model_len=64, weight_transfer=backend)
+        policy.start_trainers(TrainerSpec(str(model_dir), zero_stage=a.zero_stage, micro_batch_size=1,
+                                          mini_batch_size=a.ranks)).get()
+        rollout.call(RolloutActor.init, EngineSpec(str(model_dir), max_model_len=64, weight_transfer=backend)).get()
         connect_weight_sync(policy, rollout, backend, 1, int(a.bucket_mb * 2**20))
-        params = ray.get(policy.actors[0].export_state_dict.remote())
+        params = policy.call(PolicyActor.export_state_dict).get()[0]
         mbytes = sum(t.numel() * t.element_size() for t in params.values()) / 2**20
         del params
 
@@ -83,10 +85,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/bench_sync")
     a = p.parse_args(argv)
 
-    from rlhf_cluster.cluster.groups import init_ray
+    from rlhf_cluster.cluster.connect import connect
     from rlhf_cluster.tiny import TinySpec, build_tiny_model
 
-    init_ray(a.address)
+    connect(a.address)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []

@@ -1,4 +1,8 @@
-"""``rlhf-cluster``: train, print the merged config, build tiny local models."""
+"""``rlhf-cluster``: train, submit and manage jobs on a Ray cluster, plan memory, print configs, build tiny models.
+
+Overrides (``section.field=value``) may come before or after the flags. Every error a
+user can cause is one line on stderr and exit code 2; ``--debug`` shows the traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,74 +10,225 @@ import argparse
 import json
 import sys
 
-from rlhf_cluster.config import ConfigError, dump_config, load_config
+from rlhf_cluster.config import ConfigError
+
+COMMANDS = {
+    "train": "run a training job (any method; a pipeline file runs its stages in order)",
+    "submit": "submit a training job to a Ray cluster's Jobs API (validated here first)",
+    "status": "a submitted job's status",
+    "logs": "a submitted job's output (--follow: until it ends)",
+    "stop": "stop a submitted job; its actors go with it",
+    "list": "the jobs submitted to a cluster",
+    "plan": "where each role's actors go and the GPU memory each needs; the verdict",
+    "config": "print the merged, validated config (--explain: every field's meaning, default and allowed values)",
+    "build-tiny": "write a tiny Llama + tokenizer directory (offline, deterministic)",
+}
+
+OVERRIDES_HELP = "dotted overrides, e.g. policy.zero_stage=3 rollout.temperature=0.7 (before or after the flags)"
+JOBS_ADDRESS_HELP = "the dashboard's Jobs API, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rlhf-cluster", description="Distributed RLHF on Ray actors.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    ps = {}
 
-    t = sub.add_parser("train", help="run a training job (PPO family)")
-    t.add_argument("config", help="YAML config file")
-    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. policy.zero_stage=3 rollout.temperature=0.7")
-    t.add_argument("--address", default=None, help="existing Ray cluster ('auto', 'ray://host:10001'); default: a local Ray")
+    def new(cmd: str) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog=f"rlhf-cluster {cmd}", description=COMMANDS[cmd])
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        ps[cmd] = p
+        return p
+
+    t = new("train")
+    t.add_argument("config", help="YAML config (or pipeline) file")
+    t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    t.add_argument("--address", default=None,
+                   help="existing Ray cluster: its GCS HOST:PORT, 'auto' on a cluster node, or ray://HOST:10001; "
+                        "default: a local Ray")
     t.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
+    t.add_argument("--connect-timeout", type=float, default=None, metavar="S", help="give up reaching --address after S seconds")
 
-    c = sub.add_parser("config", help="print the fully merged, validated config")
+    s = new("submit")
+    s.add_argument("config", help="YAML config (or pipeline) file, validated here before submitting")
+    s.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    s.add_argument("--address", default=None, help=JOBS_ADDRESS_HELP)
+    s.add_argument("--follow", action="store_true", help="print the job's output until it ends; exit 0 only if it succeeded")
+    s.add_argument("--job-id", default=None, help="submission id (default: one Ray makes up)")
+    s.add_argument("--connect-timeout", type=float, default=30.0, metavar="S")
+
+    for cmd in ("status", "logs", "stop"):
+        j = new(cmd)
+        j.add_argument("job_id")
+        j.add_argument("--address", default=None, help=JOBS_ADDRESS_HELP)
+        j.add_argument("--connect-timeout", type=float, default=30.0, metavar="S")
+        if cmd == "logs":
+            j.add_argument("--follow", action="store_true", help="stream until the job ends; exit 0 only if it succeeded")
+    ls = new("list")
+    ls.add_argument("--address", default=None, help=JOBS_ADDRESS_HELP)
+    ls.add_argument("--connect-timeout", type=float, default=30.0, metavar="S")
+
+    pl = new("plan")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    pl.add_argument("--nodes", type=int, default=1, help="nodes in the cluster to plan for")
+    pl.add_argument("--gpus-per-node", type=int, default=8)
+    pl.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB", help="memory of each GPU")
+
+    c = new("config")
     c.add_argument("config", nargs="?", default=None)
-    c.add_argument("overrides", nargs="*")
+    c.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    c.add_argument("--explain", action="store_true", help="each field's meaning, default and allowed values")
 
-    b = sub.add_parser("build-tiny", help="write a tiny Llama + tokenizer directory (offline, deterministic)")
+    b = new("build-tiny")
     b.add_argument("out_dir")
     b.add_argument("--kind", choices=["causal_lm", "scalar"], default="causal_lm")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--if-missing", action="store_true", help="do nothing when out_dir already holds a model")
+    return ps
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The top-level parser (help and the list of commands)."""
+    p = argparse.ArgumentParser(prog="rlhf-cluster", description="Distributed RLHF on Ray actors.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="commands:\n" + "\n".join(f"  {k:11s} {v}" for k, v in COMMANDS.items()))
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for cmd, text in COMMANDS.items():
+        sub.add_parser(cmd, help=text, add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        _parser().parse_args(argv)  # prints usage (and the unknown command) and exits
+        return 2
+    args = _parsers()[argv[0]].parse_intermixed_args(argv[1:])
+    args.cmd = argv[0]
     try:
-        if args.cmd == "config":
-            print(dump_config(load_config(args.config, args.overrides)), end="")
-            return 0
-        if args.cmd == "build-tiny":
-            from pathlib import Path
-
-            from rlhf_cluster.tiny import build_tiny_model
-
-            if args.if_missing and (Path(args.out_dir) / "config.json").is_file():
-                print(f"{args.out_dir}: already built")
-                return 0
-            print(build_tiny_model(args.out_dir, args.kind, args.seed))
-            return 0
-        from rlhf_cluster.pipeline import is_pipeline, load_pipeline, run_pipeline
-
-        if is_pipeline(args.config):
-            stages = load_pipeline(args.config, args.overrides)
-            if args.address:
-                for st in stages:
-                    st.config.cluster.address = args.address
-            results = run_pipeline(stages, run_method)
-            for name, summary in results.items():
-                print(f"\n--- {name}")
-                print_summary(summary)
-            return 0
-        overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
-        cfg = load_config(args.config, overrides)
-        summary = run_method(cfg, resume=args.resume)
-    except ConfigError as e:
+        return _run(args)
+    except Terminated:
+        print("\nterminated (SIGTERM); the actors were shut down", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("\ninterrupted; the actors were shut down", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 — anything a user can cause: one clear line, not a traceback wall
+        if args.debug or not _user_error(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # data errors and actor failures: one clear line, not a traceback wall
-        from rlhf_cluster.cluster.groups import ActorFailure
-        from rlhf_cluster.data import DataError
 
-        if isinstance(e, (DataError, ActorFailure, FileNotFoundError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+
+def _user_error(e: Exception) -> bool:
+    from rlhf_cluster.cluster.connect import ConnectError
+    from rlhf_cluster.cluster.groups import ActorFailure
+    from rlhf_cluster.data import DataError
+    from rlhf_cluster.jobs import JobError
+
+    return isinstance(e, (ConfigError, DataError, ActorFailure, ConnectError, JobError, FileNotFoundError))
+
+
+def _run(args) -> int:
+    if args.cmd == "config":
+        return _config(args)
+    if args.cmd == "build-tiny":
+        from pathlib import Path
+
+        from rlhf_cluster.tiny import build_tiny_model
+
+        if args.if_missing and (Path(args.out_dir) / "config.json").is_file():
+            print(f"{args.out_dir}: already built")
+            return 0
+        print(build_tiny_model(args.out_dir, args.kind, args.seed))
+        return 0
+    if args.cmd == "plan":
+        from rlhf_cluster.config import load_config
+        from rlhf_cluster.plan import build_plan
+
+        plan = build_plan(load_config(args.config, args.overrides), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                          gpu_memory_gib=args.gpu_memory)
+        print(plan.format())
+        return 0 if plan.fits else 1
+    if args.cmd in ("submit", "status", "logs", "stop", "list"):
+        from rlhf_cluster import jobs
+
+        t = args.connect_timeout
+        if args.cmd == "submit":
+            return jobs.submit(args.config, args.overrides, args.address, follow=args.follow, job_id=args.job_id, timeout_s=t)
+        if args.cmd == "status":
+            return jobs.status(args.job_id, args.address, timeout_s=t)
+        if args.cmd == "logs":
+            return jobs.logs(args.job_id, args.address, follow=args.follow, timeout_s=t)
+        if args.cmd == "stop":
+            return jobs.stop(args.job_id, args.address, timeout_s=t)
+        return jobs.list_jobs(args.address, timeout_s=t)
+    return _train(args)
+
+
+def _cluster_overrides(args) -> list[str]:
+    extra = []
+    if args.address:
+        extra.append(f"cluster.address={args.address}")
+    if args.connect_timeout is not None:
+        extra.append(f"cluster.connect_timeout_s={args.connect_timeout}")
+    return extra
+
+
+def _train(args) -> int:
+    from rlhf_cluster.config import load_config
+    from rlhf_cluster.pipeline import is_pipeline, load_pipeline, run_pipeline
+
+    _terminate_gracefully()
+    if is_pipeline(args.config):
+        if args.resume:
+            raise ConfigError("--resume continues one run; for a pipeline, resume its stage's config instead")
+        stages = load_pipeline(args.config, args.overrides)
+        for st in stages:
+            if args.address:
+                st.config.cluster.address = args.address
+            if args.connect_timeout is not None:
+                st.config.cluster.connect_timeout_s = args.connect_timeout
+        results = run_pipeline(stages, run_method)
+        for name, summary in results.items():
+            print(f"\n--- {name}")
+            print_summary(summary)
+        return 0
+    cfg = load_config(args.config, list(args.overrides) + _cluster_overrides(args))
+    summary = run_method(cfg, resume=args.resume)
     print_summary(summary)
+    return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a scheduler, preemption, `rlhf-cluster stop`)."""
+
+
+def _terminate_gracefully() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the roles are shut down on the way out instead of a native crash."""
+    import signal
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _config(args) -> int:
+    from rlhf_cluster.config import dump_config, explain, load_config
+    from rlhf_cluster.pipeline import is_pipeline, load_pipeline
+
+    if args.config is None:
+        if args.overrides:
+            print(dump_config(load_config(None, args.overrides)), end="")
+        else:
+            print(explain(None), end="")
+        return 0
+    if is_pipeline(args.config):
+        for st in load_pipeline(args.config, args.overrides):
+            print(f"# --- stage {st.name} ({st.config.method}) -> {st.config.output_dir}")
+            print(explain(st.config) if args.explain else dump_config(st.config), end="")
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    print(explain(cfg) if args.explain else dump_config(cfg), end="")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,8 +39,8 @@ class TrainerConfig(_Strict):
     offload_params: bool = Field(False, description="ZeRO parameter offload to CPU (stage 3 only).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     learning_rate: float = Field(1e-6, gt=0, description="AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW's (β1, β2).")
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per rank per forward/backward.")
@@ -62,10 +63,10 @@ class ScorerConfig(_Strict):
     """A frozen model that only runs forward passes (reference or reward model)."""
 
     model_name_or_path: str | None = Field(None, description="Local Hugging Face model directory.")
-    num_nodes: int = Field(1, ge=1)
+    num_nodes: int = Field(1, ge=1, description="Nodes this role spans.")
     num_gpus_per_node: int = Field(1, ge=1, description="Replicas per node; the batch is split across replicas.")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
 
     @property
     def world_size(self) -> int:
@@ -78,8 +79,12 @@ class RewardConfig(ScorerConfig):
     function: str | None = Field(
         None,
         description="'module:function' called as fn(prompts: list[str], responses: list[str]) -> list[float]; "
-        "replaces the reward model (rule-based rewards).",
+        "replaces the reward model (rule-based rewards). A module not installed as a package may sit next to the "
+        "config file or in the working directory; it is shipped to every actor.",
     )
+    code_dir: str | None = Field(
+        None, description="Directory holding reward.function's module when it is not an installed package (found next to "
+        "the config or in the working directory when null). Only that module is shipped to the actors.")
 
     @model_validator(mode="after")
     def _one_source(self) -> RewardConfig:
@@ -96,9 +101,9 @@ class RolloutConfig(_Strict):
     num_engines: int = Field(1, ge=1, description="vLLM engines; prompts are spread across them.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine.")
     n_samples_per_prompt: int = Field(1, ge=1, description="Responses sampled per prompt.")
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1, description="Response token limit when sampling.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (the policy's log-probs assume 1.0).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1 disables it.")
     top_k: int = Field(-1, description="-1 disables top-k.")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM's share of GPU memory.")
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV-cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
@@ -127,13 +132,14 @@ class DataConfig(_Strict):
     truncation: Literal["truncate", "error"] = Field(
         "truncate", description="Over-long rows: 'truncate' (prompts keep their end, responses their start; counts reported) or 'error'."
     )
-    shuffle: bool = True
+    shuffle: bool = Field(True, description="Shuffle the training rows each epoch (seeded).")
 
 
 class AlgorithmConfig(_Strict):
     """PPO-family settings (the math's hyper-parameters)."""
 
-    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field(
+        "gae", description="gae (with a critic), or critic-free: grpo, rloo (n_samples_per_prompt >= 2), reinforce_pp.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount γ.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
     clip_eps_low: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip below 1.")
@@ -142,9 +148,9 @@ class AlgorithmConfig(_Strict):
     value_clip: float | None = Field(0.2, description="Critic value clip ε, or null for an unclipped loss.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
     mini_batch_size: int = Field(16, ge=1, description="Sequences (offline stages: examples or pairs) per optimizer step, all ranks together.")
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL(π‖π_ref) estimator (Schulman's k1/k2/k3).")
     kl_coef: float = Field(0.05, ge=0, description="β of the per-token KL penalty (initial value if adaptive).")
-    kl_controller: Literal["fixed", "adaptive"] = "fixed"
+    kl_controller: Literal["fixed", "adaptive"] = Field("fixed", description="Fixed β, or adaptive toward kl_target (Ziegler et al. 2019).")
     kl_target: float = Field(6.0, gt=0, description="Adaptive controller's target KL.")
     kl_horizon: int = Field(10000, gt=0, description="Adaptive controller's horizon.")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
@@ -159,7 +165,8 @@ class AlgorithmConfig(_Strict):
 class PreferenceConfig(_Strict):
     """The DPO family (offline and online) and KTO."""
 
-    loss: Literal["dpo", "cdpo", "ipo", "hinge", "kto", "orpo", "simpo"] = "dpo"
+    loss: Literal["dpo", "cdpo", "ipo", "hinge", "kto", "orpo", "simpo"] = Field(
+        "dpo", description="The preference loss; orpo and simpo need no reference model.")
     beta: float = Field(0.1, gt=0, description="β (ORPO: the weight λ of the odds-ratio term).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO's ε: assumed fraction of flipped labels.")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin γ.")
@@ -190,11 +197,15 @@ class ScheduleConfig(_Strict):
 
 
 class ClusterConfig(_Strict):
-    address: str | None = Field(None, description="Existing Ray cluster ('auto' or 'ray://host:10001'); null starts a local one.")
+    backend: Literal["ray", "local"] = Field(
+        "ray", description="ray: every role in Ray actors (a local Ray by default, or the cluster at 'address'). local: "
+        "every role as a plain object in this one process, no Ray — one rank per role, for debugging the loop.")
+    address: str | None = Field(None, description="Existing Ray cluster: its GCS 'HOST:PORT', 'auto' on a cluster node, "
+                                "or 'ray://HOST:10001' (Ray Client); null starts a local one.")
+    connect_timeout_s: float = Field(30.0, gt=0, description="Give up reaching the cluster at 'address' after this long.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for the local Ray (default: all).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the cluster has GPUs.")
     cpus_per_actor: float = Field(0.01, gt=0, description="CPU resource each actor reserves (CPU clusters).")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     colocate_policy_reference: bool = Field(False, description="Reference replicas share the policy ranks' GPUs.")
     colocate_critic_reward: bool = Field(False, description="Reward replicas share the critic ranks' GPUs.")
 
@@ -206,7 +217,7 @@ class RunConfig(_Strict):
     method: Literal["ppo", "sft", "rm", "dpo", "online_dpo"] = Field(
         "ppo", description="Which driver loop runs: ppo (and critic-free RL), sft, rm (reward model), dpo (offline "
         "DPO family and KTO), online_dpo.")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds data order, sampling and initialisation; a run is reproducible from it.")
     output_dir: str = Field("runs/default", description="Checkpoints, metrics.jsonl, TensorBoard, plots.")
     policy: TrainerConfig = Field(default_factory=lambda: TrainerConfig())
     critic: TrainerConfig = Field(default_factory=lambda: TrainerConfig(learning_rate=1e-5))
@@ -252,6 +263,16 @@ class RunConfig(_Strict):
                     f"schedule.prompts_per_step × rollout.n_samples_per_prompt = {batch} sequences per step is not a multiple "
                     f"of algorithm.mini_batch_size={a.mini_batch_size}; pick a mini_batch_size that divides {batch}"
                 )
+        if self.cluster.backend == "local":
+            if self.cluster.address is not None:
+                raise ValueError("cluster.backend=local runs in this process: drop cluster.address (or use backend=ray)")
+            big = [f"{role}: {getattr(self, role).world_size} ranks" for role in ("policy", "critic", "reference", "reward")
+                   if getattr(self, role).world_size > 1]
+            if r.num_engines > 1 or r.tensor_parallel_size > 1:
+                big.append(f"rollout: {r.num_engines} engines × tensor_parallel_size {r.tensor_parallel_size}")
+            if big:
+                raise ValueError(f"cluster.backend=local runs one rank per role; these ask for more: {'; '.join(big)}. "
+                                 "Use backend=ray, or set them to 1")
         if r.weight_sync == "nccl" and self.cluster.device == "cpu":
             raise ValueError("rollout.weight_sync=nccl needs GPUs but cluster.device=cpu: use weight_sync=gloo (or auto)")
         if self.method == "online_dpo" and s.prompts_per_step % a.mini_batch_size:
@@ -358,12 +379,70 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Merge a YAML file (optional; it may name a ``base`` file it extends) with dotted overrides, and validate."""
+    """Merge a YAML file (optional; it may name a ``base`` file it extends) with dotted overrides, and validate.
+
+    Relative paths are resolved against the working directory here, once: actors run in
+    directories of their own (on other machines, too), so nothing relative may reach them.
+    """
     tree: dict = _read_tree(Path(path)) if path is not None else {}
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    return build_config(tree)
+    cfg = build_config(tree)
+    config_dir = Path(path).parent if path is not None else None
+    return absolute_paths(cfg, Path.cwd(), config_dir)
+
+
+PATH_FIELDS = ("output_dir", "policy.model_name_or_path", "critic.model_name_or_path", "reference.model_name_or_path",
+               "reward.model_name_or_path", "reward.code_dir", "data.train_path", "data.eval_path")
+
+
+def absolute_paths(cfg: RunConfig, base: Path, config_dir: Path | None = None) -> RunConfig:
+    """Every path field made absolute against ``base``; a local reward module's directory found and recorded."""
+    for dotted in PATH_FIELDS:
+        section, _, name = dotted.rpartition(".")
+        owner = getattr(cfg, section) if section else cfg
+        value = getattr(owner, name)
+        if value is not None:
+            setattr(owner, name, os.path.abspath(os.path.join(base, os.path.expanduser(value))))
+    if cfg.reward.function and cfg.reward.code_dir is None:
+        found = find_local_module(cfg.reward.function.partition(":")[0], [d for d in (config_dir, base) if d is not None])
+        if found is not None:
+            cfg.reward.code_dir = os.path.abspath(found.parent)
+    return cfg
+
+
+def find_local_module(module: str, search: list[Path]) -> Path | None:
+    """The file or package directory of ``module``'s top-level package in one of ``search`` — a user's
+    ``my_reward.py`` next to the config — unless an installed package of that name would be imported instead."""
+    top = module.split(".")[0]
+    for d in search:
+        for cand in (Path(d) / f"{top}.py", Path(d) / top):
+            if cand.is_file() or (cand / "__init__.py").is_file():
+                origin = _installed_origin(top)
+                if origin is not None and not Path(origin).resolve().is_relative_to(Path(d).resolve()):
+                    return None  # installed (e.g. rlhf_cluster itself): every node has it
+                return cand
+    return None
+
+
+def _installed_origin(top: str) -> str | None:
+    """Where ``import top`` would load from without the working directory on sys.path (editable installs too)."""
+    import sys
+
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if p not in ("", ".", os.getcwd())]
+    try:  # ask the finders themselves: importlib.util.find_spec would answer from sys.modules
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(top, None) if find else None
+            if spec is not None:
+                return spec.origin or next(iter(spec.submodule_search_locations or []), None)
+    except (ImportError, ValueError):
+        return None
+    finally:
+        sys.path[:] = saved
+    return None
 
 
 def build_config(tree: dict) -> RunConfig:
@@ -375,6 +454,40 @@ def build_config(tree: dict) -> RunConfig:
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def explain(cfg: RunConfig | None = None) -> str:
+    """Every field with its value (``cfg``) or default, its allowed values and its meaning."""
+    import typing
+
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], value, prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                doc = (ann.__doc__ or "").strip().splitlines()[0] if ann.__doc__ else ""
+                lines.append(f"\n[{prefix}{name}]" + (f"  {doc}" if doc else ""))
+                walk(ann, getattr(value, name) if value is not None else None, f"{prefix}{name}.")
+                continue
+            default = f.get_default(call_default_factory=True)
+            head = f"{prefix}{name}: " + (f"{_show(getattr(value, name))}   (default {_show(default)})" if value is not None
+                                          else _show(default))
+            args = typing.get_args(ann)
+            literal = [a for a in args if typing.get_origin(a) is Literal] or ([ann] if typing.get_origin(ann) is Literal else [])
+            if literal:
+                head += "   one of: " + ", ".join(_show(v) for v in typing.get_args(literal[0]))
+            lines.append(head)
+            if f.description:
+                lines.append(f"    {f.description}")
+
+    walk(RunConfig, cfg, "")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _show(v) -> str:
+    return "null" if v is None else (yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+                                     if not isinstance(v, str) else v)
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -391,13 +504,23 @@ def _check_model_dir(field: str, path: str | None, produced: frozenset[str] = fr
         )
 
 
-def resolve_function(spec: str):
-    """Import ``'package.module:function'`` and return the callable."""
+def resolve_function(spec: str, code_dir: str | None = None):
+    """Import ``'package.module:function'`` (from ``code_dir`` first, when given) and return the callable."""
+    import sys
+
     mod_name, _, fn_name = spec.partition(":")
+    added = bool(code_dir) and code_dir not in sys.path
+    if added:
+        sys.path.insert(0, code_dir)
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
         raise ConfigError(f"reward.function={spec!r}: cannot import module {mod_name!r} ({e})") from None
+    except Exception as e:  # noqa: BLE001 — the user's module raised while importing
+        raise ConfigError(f"reward.function={spec!r}: importing {mod_name!r} raised {type(e).__name__}: {e}") from None
+    finally:
+        if added:
+            sys.path.remove(code_dir)
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise ConfigError(f"reward.function={spec!r}: module {mod_name!r} has no function {fn_name!r}")
@@ -421,4 +544,4 @@ def preflight(cfg: RunConfig, produced: frozenset[str] = frozenset()) -> None:
         if path is not None and not Path(path).exists():
             raise ConfigError(f"data.{field}={path!r} does not exist")
     if cfg.reward.function and cfg.method in ("ppo", "online_dpo"):
-        resolve_function(cfg.reward.function)
+        resolve_function(cfg.reward.function, cfg.reward.code_dir)

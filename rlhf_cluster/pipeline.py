@@ -21,6 +21,7 @@ command-line overrides address a stage by its name (``ppo.schedule.num_steps=5``
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     unknown = set(tree) - _KNOWN
     if unknown:
         raise ConfigError(f"pipeline {p}: unknown top-level keys {sorted(unknown)}; a pipeline has only {sorted(_KNOWN)}")
-    out_root = Path(tree.get("output_dir") or "runs/pipeline")
+    out_root = Path(os.path.abspath(tree.get("output_dir") or "runs/pipeline"))  # actors never see relative paths
     stages_raw = tree.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
         raise ConfigError(f"pipeline {p}: 'stages' must be a non-empty list of {{name, config, overrides}}")

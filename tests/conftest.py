@@ -1,4 +1,14 @@
+"""Shared fixtures. Tiers: unit/ (pure, seconds), workers/ (real workers in one process), cluster/ (a real
+local Ray per module, real `ray start --head` clusters), e2e/ (the CLI exactly as a user types it)."""
+
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # shared helpers (reward_model_fixture) for every tier
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")

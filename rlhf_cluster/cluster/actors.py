@@ -1,7 +1,9 @@
-"""Thin Ray actor shells around the workers.
+"""Thin actor shells around the workers.
 
-Each shell declares nothing but how to build its worker and which of its methods are
-callable; resources and placement are decided by :mod:`rlhf_cluster.cluster.groups`.
+Each shell declares nothing but how to build its worker from a typed spec
+(:mod:`rlhf_cluster.cluster.specs`) and which of its methods are callable; resources and
+placement are decided by :mod:`rlhf_cluster.cluster.groups`. A shell runs as a Ray actor
+or, with ``cluster.backend: local``, as a plain object in the driver's process.
 Every call is recorded as a span (name, start, end) so benchmarks can draw a timeline.
 """
 
@@ -14,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
+from rlhf_cluster.cluster.specs import EngineSpec, RewardSpec, ScorerSpec, TrainerSpec
 from rlhf_cluster.experience import Experience
 
 
@@ -22,8 +25,10 @@ class _Shell:
 
     role = "actor"
 
-    def __init__(self, rank: int = 0):
+    def __init__(self, rank: int = 0, role: str | None = None):
         self.rank = rank
+        if role is not None:
+            self.role = role
         self._spans: list[tuple[str, float, float]] = []
         # Ray sets OMP_NUM_THREADS from the actor's CPU share; torch should follow it.
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
@@ -41,6 +46,9 @@ class _Shell:
     def placement(self) -> dict:
         import ray
 
+        if not ray.is_initialized():  # the local backend: the driver's own process
+            return {"role": self.role, "rank": self.rank, "node_id": "local", "ip": "127.0.0.1", "gpu_ids": [],
+                    "pid": os.getpid()}
         ctx = ray.get_runtime_context()
         return {"role": self.role, "rank": self.rank, "node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
@@ -50,10 +58,18 @@ class _Shell:
 
         with socket.socket() as s:
             s.bind(("", 0))
-            return ray.util.get_node_ip_address(), s.getsockname()[1]
+            host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+            return host, s.getsockname()[1]
 
     def spans(self) -> list[tuple[str, float, float]]:
         return list(self._spans)
+
+    def close(self) -> None:
+        """Release the worker now (the local backend; a Ray actor is killed instead)."""
+        worker = getattr(self, "worker", None)
+        if worker is not None and hasattr(worker, "close"):
+            worker.close()
+        self.worker = None
 
 
 class _TrainerShell(_Shell):
@@ -61,11 +77,12 @@ class _TrainerShell(_Shell):
 
     worker_class = ""  # a class in rlhf_cluster.workers.trainer
 
-    def init(self, **kwargs) -> None:
+    def init(self, spec: TrainerSpec, world_size: int, master_addr: str, master_port: int) -> None:
         from rlhf_cluster.workers import trainer
 
         with self._span("init"):
-            self.worker = getattr(trainer, self.worker_class)(rank=self.rank, **kwargs)
+            self.worker = getattr(trainer, self.worker_class)(rank=self.rank, world_size=world_size, master_addr=master_addr,
+                                                              master_port=master_port, **spec.worker_kwargs())
 
     def update(self, batch, objective: str, **kwargs) -> dict:
         with self._span(f"{self.role}_{objective}"):
@@ -133,11 +150,11 @@ class CriticActor(_TrainerShell):
 class ReferenceActor(_Shell):
     role = "reference"
 
-    def init(self, model_path: str, **kwargs) -> None:
+    def init(self, spec: ScorerSpec) -> None:
         from rlhf_cluster.workers.scorers import ReferenceScorer
 
         with self._span("init"):
-            self.worker = ReferenceScorer(model_path, **kwargs)
+            self.worker = ReferenceScorer(spec.model_path, micro_batch_size=spec.micro_batch_size, dtype=spec.dtype)
 
     def logprobs(self, exp: Experience) -> torch.Tensor:
         with self._span("ref_logprobs"):
@@ -151,11 +168,15 @@ class ReferenceActor(_Shell):
 class RewardActor(_Shell):
     role = "reward"
 
-    def init(self, model_path: str | None = None, function: str | None = None, **kwargs) -> None:
+    def init(self, spec: RewardSpec) -> None:
         from rlhf_cluster.workers.scorers import FunctionRewardScorer, RewardModelScorer
 
         with self._span("init"):
-            self.worker = FunctionRewardScorer(function) if function else RewardModelScorer(model_path, **kwargs)
+            if spec.function:
+                self.worker = FunctionRewardScorer(spec.function, spec.code_dir)
+            else:
+                m = spec.model
+                self.worker = RewardModelScorer(m.model_path, micro_batch_size=m.micro_batch_size, dtype=m.dtype)
 
     def score(self, exp: Experience, prompts: list[str], responses: list[str]) -> torch.Tensor:
         with self._span("reward"):
@@ -165,15 +186,15 @@ class RewardActor(_Shell):
 class RolloutActor(_Shell):
     role = "rollout"
 
-    def init(self, model_path: str, **kwargs) -> None:
+    def init(self, spec: EngineSpec) -> None:
         from rlhf_cluster.workers.rollout import RolloutEngine
 
         with self._span("init"):
-            self.worker = RolloutEngine(model_path, **kwargs)
+            self.worker = RolloutEngine(spec.model_path, **spec.worker_kwargs())
 
-    def generate(self, prompt_ids: list[list[int]], **kwargs):
+    def generate(self, prompt_ids: list[list[int]], seed: int | None = None, **sampling):
         with self._span("generate"):
-            return self.worker.generate(prompt_ids, **kwargs)
+            return self.worker.generate(prompt_ids, seed=seed, **sampling)
 
     def load_weights(self, state: dict, version: int) -> float:
         with self._span("load_weights"):

@@ -1,67 +1,219 @@
-"""Actor groups: one Ray actor per rank or replica, placed by a per-role placement group.
+"""Role groups: the ranks or replicas of one role, and how the driver calls them.
 
-A role asks for ``num_nodes × per_node`` slots. On a GPU cluster a slot is
-``gpus_per_actor`` GPUs (1 for a trainer rank, the tensor-parallel size for a vLLM
-engine); on a CPU cluster it is a small CPU share. Each node's slots form one bundle,
-and multi-node roles spread their bundles over distinct nodes (STRICT_SPREAD), so
-"2 nodes × 4 GPUs" means exactly that. A colocated role reuses another role's
-placement group with a fraction of each GPU.
+A driver never touches actors directly. It calls a group with an actor-shell method
+(``group.shard(PolicyActor.logprobs, exp)``), which runs on every rank — the batch split
+into contiguous row ranges with ``shard``, the same arguments with ``call`` — and returns
+a :class:`Pending`; ``.get()`` names the failing role and rank instead of a bare traceback.
+
+Two backends behind one interface:
+
+* :class:`ActorGroup` — one Ray actor per rank, placed by a per-role placement group. On a
+  GPU cluster a slot is ``gpus_per_actor`` GPUs (1 for a trainer rank, the tensor-parallel
+  size for a vLLM engine); on a CPU cluster a small CPU share. Each node's slots form one
+  bundle, and multi-node roles spread their bundles over distinct nodes (STRICT_SPREAD), so
+  "2 nodes × 4 GPUs" means exactly that. A colocated role reuses its host's placement
+  group with a fraction of each GPU.
+* :class:`LocalGroup` — the same shells as plain objects in the driver's process, one rank
+  per role, no Ray (``cluster.backend: local``): the loop with nothing between it and the
+  workers, for debugging and for the tests of the driver loops.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-import ray
-from ray.exceptions import RayActorError, RayTaskError
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from rlhf_cluster.cluster.layout import RoleSpec
 
 
 class ActorFailure(RuntimeError):
-    """An actor died or raised: names its role and rank instead of a bare Ray traceback."""
+    """An actor died, raised or timed out: names its role and rank instead of a bare Ray traceback."""
 
 
-@dataclass(frozen=True)
-class RoleSpec:
-    """What one role asks of the cluster."""
+def split_rows(n: int, parts: int) -> list[slice]:
+    """Contiguous, nearly equal slices of range(n) (a shard per rank; later ranks may get one row less)."""
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
-    role: str
-    num_nodes: int
-    per_node: int
-    gpus_per_actor: float = 1.0
+
+def _rows(x) -> int:
+    return x.batch_size if hasattr(x, "batch_size") else len(x)
+
+
+def _take(x, s: slice):
+    return x.select(s) if hasattr(x, "select") else x[s]
+
+
+def mean_stats(stats: Sequence[dict], prefix: str = "", skip: tuple[str, ...] = ("train_tokens", "train_seconds")) -> dict:
+    """Per-rank stat dicts averaged key by key (``prefix`` prepended), e.g. for a data-parallel update."""
+    return {f"{prefix}{k}": sum(s[k] for s in stats) / len(stats) for k in stats[0] if k not in skip}
+
+
+def train_tokens_per_second(stats: Sequence[dict]) -> float:
+    """Tokens all ranks trained on over the slowest rank's time."""
+    return sum(s["train_tokens"] for s in stats) / max(max(s["train_seconds"] for s in stats), 1e-9)
+
+
+class Pending:
+    """Calls in flight on some ranks of one group."""
+
+    def __init__(self, group: RoleGroup, handles: list, ranks: list[int], what: str):
+        self.group, self.handles, self.ranks, self.what = group, handles, ranks, what
+
+    def get(self, timeout: float | None = None) -> list:
+        return self.group._resolve(self, timeout)
+
+    def cat(self, timeout: float | None = None):
+        import torch
+
+        return torch.cat(self.get(timeout))
+
+    def handle(self, i: int = 0):
+        """Rank i's result without bringing it to the driver (an ObjectRef on Ray), to pass to another group's call."""
+        return self.group._handoff(self, i)
+
+
+class RoleGroup:
+    """What both backends share: the role's spec and the call patterns."""
+
+    spec: RoleSpec
+    actors: list
 
     @property
-    def size(self) -> int:
-        return self.num_nodes * self.per_node
+    def role(self) -> str:
+        return self.spec.role
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def _submit(self, actor, fn: Callable, args: tuple, kwargs: dict):
+        raise NotImplementedError
+
+    def _resolve(self, pending: Pending, timeout: float | None) -> list:
+        raise NotImplementedError
+
+    def _handoff(self, pending: Pending, i: int):
+        return pending.handles[i]
+
+    def call(self, fn: Callable, *args, what: str | None = None, **kwargs) -> Pending:
+        """``fn(*args, **kwargs)`` on every rank (``fn`` is a method of the role's actor shell)."""
+        handles = [self._submit(a, fn, args, kwargs) for a in self.actors]
+        return Pending(self, handles, list(range(len(self.actors))), what or fn.__name__)
+
+    def shard(self, fn: Callable, *rows, what: str | None = None, **kwargs) -> Pending:
+        """``fn(*row_shards, **kwargs)`` per rank: every positional argument (a batch with ``select``, or a
+        list) split into contiguous row ranges. Ranks whose shard is empty are not called."""
+        n = _rows(rows[0])
+        if any(_rows(r) != n for r in rows):
+            raise ValueError(f"{self.role}: shard arguments have different row counts {[_rows(r) for r in rows]}")
+        handles, ranks = [], []
+        for rank, (a, s) in enumerate(zip(self.actors, split_rows(n, len(self.actors)))):
+            if s.stop > s.start:
+                handles.append(self._submit(a, fn, tuple(_take(r, s) for r in rows), kwargs))
+                ranks.append(rank)
+        return Pending(self, handles, ranks, what or fn.__name__)
+
+    def each(self, fn: Callable, per_rank: Sequence[tuple], what: str | None = None, **kwargs) -> Pending:
+        """Rank i runs ``fn(*per_rank[i], **kwargs)`` (ranks beyond ``per_rank`` are not called)."""
+        handles = [self._submit(a, fn, tuple(args), kwargs) for a, args in zip(self.actors, per_rank)]
+        return Pending(self, handles, list(range(len(handles))), what or fn.__name__)
+
+    def start_trainers(self, spec) -> Pending:
+        """Every rank loads ``spec`` into one torch.distributed group (rank 0 hosts the rendezvous)."""
+        from rlhf_cluster.cluster.actors import _TrainerShell
+
+        addr, port = self._first(_TrainerShell.free_port)
+        return self.call(_TrainerShell.init, spec, len(self), addr, port, what="init")
+
+    def _first(self, fn: Callable):
+        return self.each(fn, [()], what=fn.__name__).get()[0]
+
+    def placements(self, timeout_s: float = 120.0) -> list[dict]:
+        from rlhf_cluster.cluster.actors import _Shell
+
+        return self.call(_Shell.placement, what="scheduling").get(timeout_s)
+
+    def spans(self) -> list[list[tuple[str, float, float]]]:
+        from rlhf_cluster.cluster.actors import _Shell
+
+        return self.call(_Shell.spans).get()
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+class LocalGroup(RoleGroup):
+    """The role's shell as a plain object in this process (one rank); calls run when submitted."""
+
+    def __init__(self, spec: RoleSpec, shell_cls: type):
+        if spec.size != 1:
+            raise ValueError(f"{spec.role}: the local backend runs one rank per role, got {spec.num_nodes}×{spec.per_node}")
+        self.spec = spec
+        self.actors = [shell_cls(0, spec.role)]
+
+    def _submit(self, actor, fn, args, kwargs):
+        try:
+            return ("ok", fn(actor, *args, **kwargs))
+        except Exception as e:  # noqa: BLE001 — reported by _resolve with the role and rank
+            return ("error", e)
+
+    def _resolve(self, pending: Pending, timeout: float | None) -> list:
+        out = []
+        for rank, (status, value) in zip(pending.ranks, pending.handles):
+            if status == "error":
+                raise ActorFailure(f"{self.role} rank {rank} failed during {pending.what}: {type(value).__name__}: {value}") from value
+            out.append(value)
+        return out
+
+    def _handoff(self, pending: Pending, i: int):
+        return self._resolve(Pending(self, [pending.handles[i]], [pending.ranks[i]], pending.what), None)[0]
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            a.close()
+        self.actors = []
+
+
+# ----------------------------------------------------------------------------- Ray
 
 
 def cluster_has_gpus() -> bool:
+    import ray
+
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def check_capacity(specs: Sequence[RoleSpec], use_gpu: bool, colocated: set[str] = frozenset()) -> None:
+def check_capacity(specs: Sequence[RoleSpec], use_gpu: bool) -> None:
     """Fail before any actor starts when the roles cannot fit, saying what is short."""
+    import ray
+
+    from rlhf_cluster.cluster.layout import gpu_demand
+
     if not use_gpu:
         return
-    need = sum(s.size * s.gpus_per_actor for s in specs if s.role not in colocated)
+    own = [s for s in specs if s.host is None]
+    need = gpu_demand({s.role: s for s in own})
     have = ray.cluster_resources().get("GPU", 0)
     if need > have:
-        detail = ", ".join(f"{s.role} {s.num_nodes}×{s.per_node}×{s.gpus_per_actor:g}" for s in specs if s.role not in colocated)
+        detail = ", ".join(f"{s.role} {s.num_nodes}×{s.per_node}×{s.gpus_per_actor:g}" for s in own)
         raise ActorFailure(
             f"the roles need {need:g} GPUs ({detail}) but the cluster has {have:g}; lower the num_nodes / "
             f"num_gpus_per_node / rollout.num_engines settings or enable cluster.colocate_* options"
         )
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    for s in specs:
+    for s in own:
         if s.num_nodes > 1 and sum(1 for n in nodes if n["Resources"].get("GPU", 0) >= s.per_node * s.gpus_per_actor) < s.num_nodes:
             raise ActorFailure(f"{s.role} asks for {s.num_nodes} nodes with {s.per_node * s.gpus_per_actor:g} free GPUs each; "
                                f"the cluster has fewer such nodes")
 
 
-def make_placement_group(spec: RoleSpec, use_gpu: bool, cpus_per_actor: float, timeout_s: float = 120.0) -> PlacementGroup:
+def make_placement_group(spec: RoleSpec, use_gpu: bool, cpus_per_actor: float, timeout_s: float = 120.0):
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
     bundle = {"CPU": spec.per_node * cpus_per_actor}
     if use_gpu and spec.gpus_per_actor > 0:
         bundle["GPU"] = spec.per_node * spec.gpus_per_actor
@@ -76,67 +228,57 @@ def make_placement_group(spec: RoleSpec, use_gpu: bool, cpus_per_actor: float, t
     return pg
 
 
-class ActorGroup:
-    """The actors of one role, rank i in bundle ``i // per_node`` of the role's placement group."""
+class ActorGroup(RoleGroup):
+    """The actors of one role, rank i in bundle ``i // per_node`` of the role's placement group
+    (a colocated guest: of its host's group)."""
 
-    def __init__(self, spec: RoleSpec, actor_cls: type, *, use_gpu: bool, cpus_per_actor: float,
-                 pg: PlacementGroup | None = None, gpu_fraction: float = 1.0, env: dict[str, str] | None = None):
+    def __init__(self, spec: RoleSpec, shell_cls: type, *, use_gpu: bool, cpus_per_actor: float, host: ActorGroup | None = None,
+                 env: dict[str, str] | None = None):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         self.spec = spec
-        self.role = spec.role
-        self.owns_pg = pg is None
-        self.pg = pg or make_placement_group(spec, use_gpu, cpus_per_actor)
-        remote_cls = ray.remote(actor_cls)
+        self.owns_pg = host is None
+        self.pg = host.pg if host is not None else make_placement_group(spec, use_gpu, cpus_per_actor)
+        remote_cls = ray.remote(shell_cls)
         self.actors = []
         for rank in range(spec.size):
             opts: dict[str, Any] = dict(
                 # A colocated role is a guest in another role's bundles, whose CPU share is already taken.
                 num_cpus=cpus_per_actor if self.owns_pg else 0,
-                num_gpus=spec.gpus_per_actor * gpu_fraction if use_gpu else 0,
+                num_gpus=spec.gpus_per_actor * spec.gpu_fraction if use_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank // spec.per_node),
                 max_concurrency=1,
             )
             if env:
                 opts["runtime_env"] = {"env_vars": env}
-            self.actors.append(remote_cls.options(**opts).remote(rank))
+            self.actors.append(remote_cls.options(**opts).remote(rank, spec.role))
 
-    def __len__(self) -> int:
-        return len(self.actors)
+    def _submit(self, actor, fn, args, kwargs):
+        return getattr(actor, fn.__name__).remote(*args, **kwargs)
 
-    def get(self, refs: list, what: str):
-        """ray.get that names the failing rank and role."""
+    def _resolve(self, pending: Pending, timeout: float | None) -> list:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
         try:
-            return ray.get(refs)
+            return ray.get(pending.handles, timeout=timeout)
+        except GetTimeoutError:
+            raise ActorFailure(f"{self.role} did not finish {pending.what} within {timeout:g} s") from None
         except (RayActorError, RayTaskError) as e:
-            for rank, r in enumerate(refs):
+            for rank, r in zip(pending.ranks, pending.handles):
                 try:
                     ray.get(r, timeout=0)
                 except (RayActorError, RayTaskError) as err:
-                    raise ActorFailure(f"{self.role} rank {rank} failed during {what}: {_cause(err)}") from err
-                except Exception:
+                    raise ActorFailure(f"{self.role} rank {rank} failed during {pending.what}: {_cause(err)}") from err
+                except Exception:  # noqa: BLE001 — still running or fine: look at the next rank
                     pass
-            raise ActorFailure(f"{self.role} failed during {what}: {_cause(e)}") from e
-
-    def start_trainers(self, **kwargs) -> list:
-        """Start loading every rank into one torch.distributed group (rank 0 hosts the rendezvous); returns refs."""
-        addr, port = ray.get(self.actors[0].free_port.remote())
-        return [a.init.remote(world_size=len(self), master_addr=addr, master_port=port, **kwargs) for a in self.actors]
-
-    def init_trainers(self, **kwargs) -> None:
-        self.get(self.start_trainers(**kwargs), "init")
-
-    def init_all(self, **kwargs) -> None:
-        self.get([a.init.remote(**kwargs) for a in self.actors], "init")
-
-    def placements(self, timeout_s: float = 120.0) -> list[dict]:
-        try:
-            return ray.get([a.placement.remote() for a in self.actors], timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise ActorFailure(f"{self.role}: actors were not scheduled within {timeout_s:.0f} s") from None
-
-    def spans(self) -> list[list[tuple[str, float, float]]]:
-        return ray.get([a.spans.remote() for a in self.actors])
+            raise ActorFailure(f"{self.role} failed during {pending.what}: {_cause(e)}") from e
 
     def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
         for a in self.actors:
             ray.kill(a, no_restart=True)
         if self.owns_pg:
@@ -149,26 +291,3 @@ def _cause(err: BaseException) -> str:
         return f"{type(cause).__name__}: {cause}"
     text = str(err).strip().splitlines()
     return text[-1] if text else type(err).__name__
-
-
-# Models load from local directories only (no hub at run time); keep library chatter down.
-ACTOR_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "VLLM_LOGGING_LEVEL": "WARNING",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-
-
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """A fresh embedded Ray (``address=None``) or a connection to an existing cluster.
-
-    ``address="local"`` always starts a new instance: a plain ``ray.init()`` would first try a
-    stale ``/tmp/ray/ray_current_cluster`` left by a crashed run.
-    """
-    if ray.is_initialized():
-        return
-    if address is None:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV})
-    else:
-        ray.init(address=address, runtime_env={"env_vars": ACTOR_ENV})

@@ -104,15 +104,6 @@ def plot_curve(metrics: list[dict], keys: Sequence[str], out_png: Path, title: s
     return out_png
 
 
-def trainer_kwargs(t, mini_batch_size: int, seed: int) -> dict:
-    """A TrainerConfig unpacked into the trainer workers' plain arguments (the one builder step)."""
-    return dict(model_path=t.model_name_or_path, zero_stage=t.zero_stage, offload_optimizer=t.offload_optimizer,
-                offload_params=t.offload_params, gradient_checkpointing=t.gradient_checkpointing,
-                learning_rate=t.learning_rate, weight_decay=t.weight_decay, adam_betas=tuple(t.adam_betas),
-                max_grad_norm=t.max_grad_norm, warmup_steps=t.warmup_steps, micro_batch_size=t.micro_batch_size,
-                mini_batch_size=mini_batch_size, dtype=t.dtype, seed=seed)
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import ray
 import torch
 
-from rlhf_cluster.cluster.actors import CriticActor, PolicyActor, ReferenceActor
-from rlhf_cluster.cluster.groups import ActorGroup, RoleSpec, check_capacity, cluster_has_gpus, init_ray
+from rlhf_cluster.cluster.actors import ReferenceActor, _TrainerShell
+from rlhf_cluster.cluster.groups import RoleGroup, mean_stats
+from rlhf_cluster.cluster.roles import open_roles
 from rlhf_cluster.config import RunConfig, preflight
 from rlhf_cluster.data import (
     FeedbackExample,
@@ -35,7 +35,7 @@ from rlhf_cluster.data import (
     load_rows,
     preference_to_feedback,
 )
-from rlhf_cluster.drivers.common import EpochSampler, MetricsSink, plot_curve, read_metrics, trainer_kwargs
+from rlhf_cluster.drivers.common import EpochSampler, MetricsSink, plot_curve, read_metrics
 from rlhf_cluster.experience import Experience, FeedbackBatch, PairBatch, build_experience
 from rlhf_cluster.models import load_tokenizer
 
@@ -76,16 +76,15 @@ def collate_feedback(examples: list[tuple[FeedbackExample, FeedbackExample]], pa
 class OfflineStage:
     name: str
     objective: str
-    trainer: type  # the actor shell of the trained model
     collate: Callable
     output: str  # sub-directory of output_dir holding the trained model
     headline: tuple[str, ...]  # eval metrics reported before/after
 
 
-SFT = OfflineStage("sft", "sft", PolicyActor, collate_sft, "policy", ("loss",))
-RM = OfflineStage("rm", "bradley_terry", CriticActor, collate_pairs, "reward_model", ("accuracy", "margin_mean", "loss"))
-DPO = OfflineStage("dpo", "pairwise", PolicyActor, collate_pairs, "policy", ("accuracy", "reward_margin", "loss"))
-KTO = OfflineStage("dpo", "kto", PolicyActor, collate_feedback, "policy", ("reward_margin", "chosen_rewards_mean", "rejected_rewards_mean", "loss"))
+SFT = OfflineStage("sft", "sft", collate_sft, "policy", ("loss",))
+RM = OfflineStage("rm", "bradley_terry", collate_pairs, "reward_model", ("accuracy", "margin_mean", "loss"))
+DPO = OfflineStage("dpo", "pairwise", collate_pairs, "policy", ("accuracy", "reward_margin", "loss"))
+KTO = OfflineStage("dpo", "kto", collate_feedback, "policy", ("reward_margin", "chosen_rewards_mean", "rejected_rewards_mean", "loss"))
 
 
 def stage_for(cfg: RunConfig) -> OfflineStage:
@@ -138,7 +137,7 @@ def load_stage_data(cfg: RunConfig, stage: OfflineStage, tokenizer, log=print) -
 
 
 class OfflineRun:
-    def __init__(self, cfg: RunConfig, stage: OfflineStage, trainer: ActorGroup, reference: ActorGroup | None,
+    def __init__(self, cfg: RunConfig, stage: OfflineStage, trainer: RoleGroup, reference: RoleGroup | None,
                  pad_id: int, train: list, held: list, log=print):
         self.cfg, self.stage, self.trainer, self.reference, self.pad_id, self.log = cfg, stage, trainer, reference, pad_id, log
         self.train, self.held = train, held
@@ -170,11 +169,7 @@ class OfflineRun:
     def _reference_logps(self, batch):
         """Per example: PairBatch → (2,) [chosen, rejected]; FeedbackBatch → (2,) [own, mismatched]."""
         seqs = [batch.seqs] if isinstance(batch, PairBatch) else [batch.seqs, batch.kl_seqs]
-        outs = []
-        for s in seqs:
-            parts = [s.select(slice(a, b)) for a, b in _bounds(s.batch_size, len(self.reference))]
-            refs = [a.sequence_logps.remote(p) for a, p in zip(self.reference.actors, parts) if p.batch_size]
-            outs.append(torch.cat(self.reference.get(refs, "reference log-probs")))
+        outs = [self.reference.shard(ReferenceActor.sequence_logps, x, what="reference log-probs").cat() for x in seqs]
         if isinstance(batch, PairBatch):
             return outs[0]  # (2B,) interleaved
         return torch.stack(outs, -1)  # (B, 2)
@@ -197,8 +192,7 @@ class OfflineRun:
         total = 0
         for start in range(0, len(self.held), 64):
             batch = self._with_reference(self.stage.collate(self.held[start : start + 64], self.pad_id), None)
-            stats = self.trainer.get([a.evaluate.remote(batch, self.stage.objective, **self.hparams) for a in self.trainer.actors],
-                                     "evaluate")[0]
+            stats = self.trainer.call(_TrainerShell.evaluate, batch, self.stage.objective, **self.hparams, what="evaluate").get()[0]
             n = batch.batch_size
             for k, v in stats.items():
                 out[k] = out.get(k, 0.0) + v * n
@@ -209,13 +203,11 @@ class OfflineRun:
         ids = self.sampler.next()
         batch = self._with_reference(self.stage.collate([self.train[i] for i in ids], self.pad_id),
                                      ids if self.ref_cache else None)
-        ranks = len(self.trainer)
-        shards = [batch.select(slice(a, b)) for a, b in _bounds(batch.batch_size, ranks)]
         t = time.perf_counter()
-        stats = self.trainer.get([a.update.remote(s, self.stage.objective, epochs=1, **self.hparams)
-                                  for a, s in zip(self.trainer.actors, shards)], "update")
+        stats = self.trainer.shard(_TrainerShell.update, batch, objective=self.stage.objective, epochs=1, **self.hparams,
+                                   what="update").get()
         secs = time.perf_counter() - t
-        m = {f"train/{k}": sum(s[k] for s in stats) / ranks for k in stats[0] if k not in ("train_tokens", "train_seconds")}
+        m = mean_stats(stats, "train/")
         m["tps/train"] = sum(s["train_tokens"] for s in stats) / max(secs, 1e-9)
         m["time/step"] = secs
         m["epoch"] = self.sampler.epoch + self.sampler.index / len(self.train)
@@ -251,16 +243,11 @@ class OfflineRun:
         finally:
             sink.close()
         model_dir = out / self.stage.output
-        ray.get([a.save_pretrained.remote(str(model_dir)) for a in self.trainer.actors])
+        self.trainer.call(_TrainerShell.save_pretrained, str(model_dir), what="save").get()
         keys = ["train/loss", "eval/loss"]
         png = plot_curve(read_metrics(sink.path), keys, out / "loss_curve.png", f"{self.stage.objective} loss")
         summary.update(metrics=str(sink.path), curve=str(png), model=str(model_dir))
         return summary
-
-
-def _bounds(n: int, parts: int) -> list[tuple[int, int]]:
-    b = [round(i * n / parts) for i in range(parts + 1)]
-    return list(zip(b[:-1], b[1:]))
 
 
 def run_offline(cfg: RunConfig, log=print) -> dict:
@@ -271,28 +258,5 @@ def run_offline(cfg: RunConfig, log=print) -> dict:
     train, held = load_stage_data(cfg, stage, tokenizer, log)
     if stage is KTO and cfg.algorithm.mini_batch_size < 2:
         raise ValueError("KTO estimates its reference point from the batch: set algorithm.mini_batch_size >= 2")
-    init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
-    use_gpu = cfg.cluster.device == "cuda" or (cfg.cluster.device == "auto" and cluster_has_gpus())
-    t, r = cfg.policy, cfg.reference
-    specs = [RoleSpec("policy" if stage.trainer is PolicyActor else "reward_model", t.num_nodes, t.num_gpus_per_node)]
-    needs_ref = stage in (DPO, KTO) and cfg.preference.needs_reference
-    if needs_ref:
-        specs.append(RoleSpec("reference", r.num_nodes, r.num_gpus_per_node))
-    check_capacity(specs, use_gpu)
-    kw = dict(use_gpu=use_gpu, cpus_per_actor=cfg.cluster.cpus_per_actor)
-    trainer = ActorGroup(specs[0], stage.trainer, **kw)
-    reference = ActorGroup(specs[1], ReferenceActor, **kw) if needs_ref else None
-    try:
-        pending = [(trainer, trainer.start_trainers(**trainer_kwargs(t, cfg.algorithm.mini_batch_size, cfg.seed)))]
-        if reference is not None:
-            pending.append((reference, [a.init.remote(r.model_name_or_path, micro_batch_size=r.micro_batch_size, dtype=r.dtype)
-                                        for a in reference.actors]))
-        for g, refs in pending:
-            g.get(refs, "init")
-        log("actors ready: " + ", ".join(f"{g.role}×{len(g)}" for g in (trainer, reference) if g is not None))
-        run = OfflineRun(cfg, stage, trainer, reference, tokenizer.pad_token_id, train, held, log)
-        return run.fit()
-    finally:
-        trainer.shutdown()
-        if reference is not None:
-            reference.shutdown()
+    with open_roles(cfg, log) as roles:
+        return OfflineRun(cfg, stage, roles.trainer, roles.reference, tokenizer.pad_token_id, train, held, log).fit()

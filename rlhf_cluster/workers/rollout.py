@@ -112,3 +112,7 @@ class RolloutEngine:
         self.llm.reset_prefix_cache()
         self.weights_version = version
         return time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Shut the engine down now (in one process it also tears down torch.distributed's default group)."""
+        self.llm.llm_engine.engine_core.shutdown()

@@ -64,11 +64,11 @@ class RewardModelScorer(_FrozenModel):
 class FunctionRewardScorer:
     """r(x, y) from a user function ``fn(prompts: list[str], responses: list[str]) -> list[float]``."""
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, code_dir: str | None = None):
         from rlhf_cluster.config import resolve_function
 
         self.spec = spec
-        self.fn: Callable = resolve_function(spec)
+        self.fn: Callable = resolve_function(spec, code_dir)
 
     def score(self, exp: Experience, prompts: list[str], responses: list[str]) -> torch.Tensor:
         out = self.fn(prompts, responses)

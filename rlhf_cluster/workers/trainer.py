@@ -33,6 +33,7 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
         if dist.get_world_size() != world_size:
             raise RuntimeError(f"process group already has {dist.get_world_size()} ranks, asked for {world_size}")
         return
+    _forget_deepspeed_groups()
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
         MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
@@ -40,6 +41,16 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size,
                                init_method=f"tcp://{master_addr}:{master_port}")
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches its clone of the world group; after the default group was destroyed (in one process,
+    a vLLM engine's shutdown does that) the cached one is dead and must not be reused."""
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP = None
+    groups._DATA_PARALLEL_GROUP = None
+    groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
 
 
 def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, offload_params: bool, micro_batch_size: int,

@@ -1,5 +1,7 @@
 """Pipeline configs: references between stages resolve, and mistakes are named before anything runs."""
 
+import os
+
 import pytest
 import yaml
 
@@ -16,15 +18,16 @@ def _write(tmp_path, tree):
 def test_shipped_pipeline_resolves_stage_outputs():
     stages = load_pipeline("configs/pipeline_sft_rm_ppo.yaml", ["ppo.schedule.num_steps=3"])
     sft, rm, ppo = stages
-    assert sft.config.output_dir == "runs/pipeline_sft_rm_ppo/sft"
-    assert rm.config.policy.model_name_or_path == "runs/pipeline_sft_rm_ppo/sft/policy"
-    assert ppo.config.reward.model_name_or_path == "runs/pipeline_sft_rm_ppo/rm/reward_model"
-    assert ppo.config.critic.model_name_or_path == "runs/pipeline_sft_rm_ppo/rm/reward_model"
-    assert ppo.config.reference.model_name_or_path == "runs/pipeline_sft_rm_ppo/sft/policy"
+    A = os.path.abspath  # every path is absolute before anything reaches an actor
+    assert sft.config.output_dir == A("runs/pipeline_sft_rm_ppo/sft")
+    assert rm.config.policy.model_name_or_path == A("runs/pipeline_sft_rm_ppo/sft/policy")
+    assert ppo.config.reward.model_name_or_path == A("runs/pipeline_sft_rm_ppo/rm/reward_model")
+    assert ppo.config.critic.model_name_or_path == A("runs/pipeline_sft_rm_ppo/rm/reward_model")
+    assert ppo.config.reference.model_name_or_path == A("runs/pipeline_sft_rm_ppo/sft/policy")
     assert ppo.config.schedule.num_steps == 3
     assert is_pipeline("configs/pipeline_sft_dpo.yaml") and not is_pipeline("configs/dpo.yaml")
     dpo = load_pipeline("configs/pipeline_sft_dpo.yaml")[1].config
-    assert dpo.reference.model_name_or_path == "runs/pipeline_sft_dpo/sft/policy"
+    assert dpo.reference.model_name_or_path == A("runs/pipeline_sft_dpo/sft/policy")
 
 
 def test_pipeline_errors_are_named(tmp_path):

@@ -8,7 +8,7 @@ from ray.cluster_utils import Cluster
 
 from rlhf_cluster.cluster.groups import ActorFailure
 from rlhf_cluster.config import load_config
-from rlhf_cluster.drivers.ppo import start_roles
+from rlhf_cluster.cluster.roles import start_roles
 
 pytestmark = pytest.mark.slow
 

