@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEMO_CONFIG ?= configs/ppo_demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench bench-sync clean
+.PHONY: install test test-fast lint demo bench bench-sync clean
 
 install: $(STAMP)
 
@@ -26,11 +26,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import vllm, deepspeed, ray, transformers; print('stack ok: vllm', vllm.__version__, 'deepspeed', deepspeed.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__)"
 	touch $(STAMP)
 
+# lint, then the tiers: unit (pure), workers (real workers in one process), cluster (real Ray clusters), e2e (the CLI).
 test: $(STAMP)
+	$(BIN)/ruff check rlhf_cluster tests benchmarks
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/ruff check rlhf_cluster tests benchmarks
+	$(BIN)/python -m pytest -q tests/unit tests/workers $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check rlhf_cluster tests benchmarks
 
 demo: $(STAMP)
 	$(BIN)/rlhf-cluster build-tiny runs/models/tiny-policy --if-missing

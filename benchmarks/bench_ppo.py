@@ -48,7 +48,8 @@ def draw_timeline(spans: dict, out_png: Path, t0: float | None = None) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the first training call")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[n]) for n in names if n != "init"]
-    ax.legend(handles, [n for n in names if n != "init"], loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(rows) < 6 else -0.12), ncol=5, fontsize=8)
+    ax.legend(handles, [n for n in names if n != "init"], loc="upper center",
+              bbox_to_anchor=(0.5, -0.25 if len(rows) < 6 else -0.12), ncol=5, fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)

@@ -129,7 +129,7 @@ def expected_shapes(model_dir: str, role: str) -> dict[str, list[int]]:
         out = {}
         for f in files:
             with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():  # noqa: SIM118  (safe_open is not a dict)
+                for k in h.keys():
                     out[k] = list(h.get_slice(k).get_shape())
         return out
     import torch
@@ -397,14 +397,14 @@ def run_stage(args) -> int:
                 try:
                     out["results"].append(run_role(role, model_key, models[model_key], models["expected"][model_key][role],
                                                    shapes[model_key], args.stage, args, checks, args.port))
-                except Exception as e:  # noqa: BLE001  (one failing trainer must not hide the others)
+                except Exception as e:
                     tb = traceback.format_exc()
                     print(tb, flush=True)
                     checks.add(f"z{args.stage}/{model_key}/{role} ran without exception", False, f"{type(e).__name__}: {e}")
                     out["errors"].append({"tag": f"z{args.stage}/{model_key}/{role}", "traceback": tb[-4000:]})
         if dist.is_initialized():
             dist.destroy_process_group()
-    except Exception as e:  # noqa: BLE001  (reported as a failed check)
+    except Exception as e:
         tb = traceback.format_exc()
         print(tb, flush=True)
         checks.add(f"z{args.stage} stage setup", False, f"{type(e).__name__}: {e}")
@@ -467,7 +467,8 @@ def print_table(report: dict) -> None:
     env = next((o["env"] for o in report["stages"].values() if "env" in o), {})
     print(f"\n{env.get('device_name', '?')} | torch {env.get('torch')} | deepspeed {env.get('deepspeed')} | "
           f"transformers {env.get('transformers')} | backend {env.get('backend')} | big model {report['big_params'] / 1e6:.1f}M params")
-    hdr = f"{'stage/model/role':22s} {'batch':>10s} {'upd tok/s':>10s} {'fwd tok/s':>10s} {'export s':>9s} {'MB':>7s} {'peak GB':>8s} {'loss0->N':>17s} {'optimizer':>18s}"
+    hdr = (f"{'stage/model/role':22s} {'batch':>10s} {'upd tok/s':>10s} {'fwd tok/s':>10s} {'export s':>9s} {'MB':>7s} "
+           f"{'peak GB':>8s} {'loss0->N':>17s} {'optimizer':>18s}")
     print(hdr)
     for r in rows:
         u = r.get("updates", [])
@@ -508,7 +509,8 @@ def run_parent(args) -> int:
             js = Path(tmp) / f"stage{stage}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", str(stage), "--json", str(js),
                    "--models", str(Path(tmp) / "models.json"), "--port", str(free_port()), "--device", args.device,
-                   "--big-size", args.big_size, "--dtype", args.dtype, "--updates", str(args.updates), "--only", ",".join(args.only), "--out", str(out_dir)]
+                   "--big-size", args.big_size, "--dtype", args.dtype, "--updates", str(args.updates),
+                   "--only", ",".join(args.only), "--out", str(out_dir)]
             print(f"\n######## ZeRO stage {stage}", flush=True)
             t = time.perf_counter()
             try:

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; the actors were shut down", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 — anything a user can cause: one clear line, not a traceback wall
+    except Exception as e:
         if args.debug or not _user_error(e):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -53,7 +53,8 @@ class TrainerConfig(_Strict):
     @model_validator(mode="after")
     def _zero_offload(self) -> TrainerConfig:
         if self.offload_params and self.zero_stage != 3:
-            raise ValueError(f"offload_params=true needs zero_stage=3 (got zero_stage={self.zero_stage}); set zero_stage=3 or offload_params=false")
+            raise ValueError(f"offload_params=true needs zero_stage=3 (got zero_stage={self.zero_stage}); "
+                             "set zero_stage=3 or offload_params=false")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer=true needs zero_stage >= 1; set zero_stage=1, 2 or 3")
         return self
@@ -147,7 +148,8 @@ class AlgorithmConfig(_Strict):
     dual_clip: float | None = Field(None, description="Dual-clip constant c > 1 for negative advantages, or null.")
     value_clip: float | None = Field(0.2, description="Critic value clip ε, or null for an unclipped loss.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
-    mini_batch_size: int = Field(16, ge=1, description="Sequences (offline stages: examples or pairs) per optimizer step, all ranks together.")
+    mini_batch_size: int = Field(
+        16, ge=1, description="Sequences (offline stages: examples or pairs) per optimizer step, all ranks together.")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL(π‖π_ref) estimator (Schulman's k1/k2/k3).")
     kl_coef: float = Field(0.05, ge=0, description="β of the per-token KL penalty (initial value if adaptive).")
     kl_controller: Literal["fixed", "adaptive"] = Field("fixed", description="Fixed β, or adaptive toward kl_target (Ziegler et al. 2019).")
@@ -516,7 +518,7 @@ def resolve_function(spec: str, code_dir: str | None = None):
         mod = importlib.import_module(mod_name)
     except ImportError as e:
         raise ConfigError(f"reward.function={spec!r}: cannot import module {mod_name!r} ({e})") from None
-    except Exception as e:  # noqa: BLE001 — the user's module raised while importing
+    except Exception as e:
         raise ConfigError(f"reward.function={spec!r}: importing {mod_name!r} raised {type(e).__name__}: {e}") from None
     finally:
         if added:

@@ -131,11 +131,11 @@ class FeedbackBatch:
 
     def select(self, idx) -> FeedbackBatch:
         rows = _rows(idx, self.batch_size)
-        opt = lambda t: None if t is None else t[rows]  # noqa: E731
+        opt = lambda t: None if t is None else t[rows]
         return FeedbackBatch(self.seqs.select(rows), self.kl_seqs.select(rows), self.desirable[rows],
                              opt(self.ref_logps), opt(self.kl_ref_logps))
 
     def to(self, device) -> FeedbackBatch:
-        opt = lambda t: None if t is None else t.to(device)  # noqa: E731
+        opt = lambda t: None if t is None else t.to(device)
         return FeedbackBatch(self.seqs.to(device), self.kl_seqs.to(device), self.desirable.to(device),
                              opt(self.ref_logps), opt(self.kl_ref_logps))

@@ -60,7 +60,7 @@ def client(address: str | None, timeout_s: float = 30.0):
 
     try:
         return JobSubmissionClient(url)
-    except Exception as e:  # noqa: BLE001 — Ray raises several kinds; say it in one line
+    except Exception as e:
         raise _one_line(e, url) from None
 
 
@@ -80,7 +80,7 @@ def _call(fn, url: str, *args, **kwargs):
         if "does not exist" in str(e) or "404" in str(e):
             raise JobError(f"no such job on {url}: {args[0] if args else ''} (`rlhf-cluster list` shows the jobs)") from None
         raise _one_line(e, url) from None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise _one_line(e, url) from None
 
 
@@ -212,7 +212,7 @@ def logs(job_id: str, address: str | None, *, follow: bool = False, timeout_s: f
 
     try:
         asyncio.run(tail())
-    except Exception as e:  # noqa: BLE001 — the stream ends with the job; a dropped stream falls back to polling
+    except Exception as e:
         out(f"(log stream ended: {type(e).__name__}; waiting for the job to finish)")
     info = _wait(c, url, job_id, timeout_s=None)
     time.sleep(1.0)  # the driver's last lines (its error) can reach the log after the stream closed

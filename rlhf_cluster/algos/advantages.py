@@ -8,8 +8,8 @@ Unused keyword arguments are accepted and ignored so the caller can dispatch bli
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

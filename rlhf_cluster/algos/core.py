@@ -7,7 +7,7 @@ A ``mask`` is a float or bool tensor broadcastable to ``x`` with 1 = real token.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

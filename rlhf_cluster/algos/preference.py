@@ -6,8 +6,8 @@ Sequence-level inputs: ``*_logps`` are SUMMED log-probs of the response tokens, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

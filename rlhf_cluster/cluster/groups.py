@@ -21,7 +21,8 @@ Two backends behind one interface:
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from rlhf_cluster.cluster.layout import RoleSpec
 
@@ -157,7 +158,7 @@ class LocalGroup(RoleGroup):
     def _submit(self, actor, fn, args, kwargs):
         try:
             return ("ok", fn(actor, *args, **kwargs))
-        except Exception as e:  # noqa: BLE001 — reported by _resolve with the role and rank
+        except Exception as e:
             return ("error", e)
 
     def _resolve(self, pending: Pending, timeout: float | None) -> list:
@@ -271,7 +272,7 @@ class ActorGroup(RoleGroup):
                     ray.get(r, timeout=0)
                 except (RayActorError, RayTaskError) as err:
                     raise ActorFailure(f"{self.role} rank {rank} failed during {pending.what}: {_cause(err)}") from err
-                except Exception:  # noqa: BLE001 — still running or fine: look at the next rank
+                except Exception:
                     pass
             raise ActorFailure(f"{self.role} failed during {pending.what}: {_cause(e)}") from e
 

@@ -7,8 +7,9 @@ import math
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

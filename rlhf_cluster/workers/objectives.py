@@ -8,7 +8,7 @@ stats are detached 0-d tensors averaged over micro-batches by the caller.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

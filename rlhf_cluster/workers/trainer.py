@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+
 import torch
 
 from rlhf_cluster.experience import Experience
-from rlhf_cluster.workers.objectives import get_objective
 from rlhf_cluster.models import (
     action_logprobs_and_entropy,
     load_causal_lm,
@@ -22,6 +22,7 @@ from rlhf_cluster.models import (
     resolve_dtype,
     token_values,
 )
+from rlhf_cluster.workers.objectives import get_objective
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> None:

@@ -3,6 +3,7 @@
 import pytest
 import ray
 import torch
+from sync_check import assert_sync_exact, random_batch, trainer_spec
 
 from rlhf_cluster.cluster.actors import CriticActor, PolicyActor, RolloutActor
 from rlhf_cluster.cluster.connect import connect
@@ -11,7 +12,6 @@ from rlhf_cluster.cluster.layout import RoleSpec
 from rlhf_cluster.cluster.specs import EngineSpec, TrainerSpec
 from rlhf_cluster.cluster.weight_sync import connect_weight_sync
 from rlhf_cluster.experience import build_experience
-from sync_check import assert_sync_exact, random_batch, trainer_spec
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from raynode import RayHead, free_ports
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from rlhf_cluster.cluster.groups import ActorFailure
-from rlhf_cluster.config import load_config
 from rlhf_cluster.cluster.roles import start_roles
+from rlhf_cluster.config import load_config
 
 pytestmark = pytest.mark.slow
 

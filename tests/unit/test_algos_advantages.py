@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -36,8 +37,8 @@ def test_registry():
         get_advantage_estimator("vtrace")
     with pytest.raises(ValueError):
         register_advantage_estimator("gae", needs_critic=True, needs_groups=False, whiten=True)(lambda *a, **k: None)
-    with pytest.raises(Exception):
-        g.name = "x"  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        g.name = "x"
 
 
 def test_gae_by_hand():

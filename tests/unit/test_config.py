@@ -17,7 +17,8 @@ def test_defaults_and_derived_paths():
 
 def test_yaml_then_overrides(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("policy:\n  model_name_or_path: /m/a\n  zero_stage: 2\nreward:\n  model_name_or_path: /m/rm\ndata:\n  train_path: x.jsonl\n")
+    p.write_text("policy:\n  model_name_or_path: /m/a\n  zero_stage: 2\nreward:\n  model_name_or_path: /m/rm\n"
+                 "data:\n  train_path: x.jsonl\n")
     cfg = load_config(p, ["policy.zero_stage=3", "policy.offload_params=true", "rollout.temperature=0.7"])
     assert cfg.policy.zero_stage == 3 and cfg.policy.offload_params is True
     assert cfg.rollout.temperature == 0.7
@@ -93,10 +94,12 @@ def test_preflight_checks_files(tmp_path):
         preflight(cfg)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
-    cfg = load_config(None, [f"policy.model_name_or_path={tmp_path/'m'}", "reward.function=nosuchmod:f", "data.train_path=" + str(tmp_path / "m" / "config.json")])
+    cfg = load_config(None, [f"policy.model_name_or_path={tmp_path/'m'}", "reward.function=nosuchmod:f",
+                             "data.train_path=" + str(tmp_path / "m" / "config.json")])
     with pytest.raises(ConfigError, match="cannot import module 'nosuchmod'"):
         preflight(cfg)
-    cfg = load_config(None, [f"policy.model_name_or_path={tmp_path/'m'}", "reward.function=rlhf_cluster.config:nope", "data.train_path=/no/such.jsonl"])
+    cfg = load_config(None, [f"policy.model_name_or_path={tmp_path/'m'}", "reward.function=rlhf_cluster.config:nope",
+                             "data.train_path=/no/such.jsonl"])
     with pytest.raises(ConfigError, match="data.train_path='/no/such.jsonl' does not exist"):
         preflight(cfg)
 
@@ -114,7 +117,8 @@ def test_every_shipped_config_validates():
 
 
 def test_base_file_is_extended(tmp_path):
-    (tmp_path / "a.yaml").write_text("policy:\n  model_name_or_path: /m\n  zero_stage: 3\nreward:\n  function: x:y\ndata:\n  train_path: t\n")
+    (tmp_path / "a.yaml").write_text("policy:\n  model_name_or_path: /m\n  zero_stage: 3\nreward:\n  function: x:y\n"
+                                     "data:\n  train_path: t\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\npolicy:\n  learning_rate: 0.5\n")
     cfg = load_config(tmp_path / "b.yaml")
     assert cfg.policy.zero_stage == 3 and cfg.policy.learning_rate == 0.5 and cfg.policy.model_name_or_path == "/m"

@@ -168,7 +168,8 @@ def test_sft_messages_trains_on_last_assistant_only(tok):
 @pytest.mark.parametrize(
     "row, pattern",
     [
-        ({"messages": msgs(("user", "hi"), ("assistant", "yo"), ("user", "?"))}, r"the last message of 'messages' is from 'user'; it must be the assistant's reply"),
+        ({"messages": msgs(("user", "hi"), ("assistant", "yo"), ("user", "?"))},
+         r"the last message of 'messages' is from 'user'; it must be the assistant's reply"),
         ({"messages": msgs(("assistant", "yo"))}, r"'messages' has only the assistant reply"),
         ({"messages": "hi"}, r"'messages' must be a list of chat messages, got str"),
         ({"messages": msgs(("user", "a"), ("assistant", "b")), "response": "b"}, r"has both 'messages' and 'response'"),
@@ -210,7 +211,8 @@ def test_preference_examples(tok):
     "row, pattern",
     [
         ({"prompt": "p", "chosen": "same", "rejected": "same"}, r"'chosen' and 'rejected' are identical"),
-        ({"prompt": "p", "chosen": "a"}, r"missing key 'rejected' \(keys present: prompt, chosen\); rename the column or set data.rejected_key"),
+        ({"prompt": "p", "chosen": "a"},
+         r"missing key 'rejected' \(keys present: prompt, chosen\); rename the column or set data.rejected_key"),
         ({"prompt": "p", "chosen": "a", "rejected": None}, r"'rejected' is null"),
         ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, r"'margin' must be a finite number, got str 'big'"),
         ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": True}, r"'margin' must be a finite number"),
@@ -301,7 +303,8 @@ def test_prompt_row_errors(tmp_path, tok, prompt, pattern):
 
 
 def test_missing_prompt_key_and_custom_key(tok):
-    with pytest.raises(DataError, match=r"row 0 of s: missing key 'prompt' \(keys present: question\); rename the column or set data.prompt_key"):
+    with pytest.raises(DataError,
+                       match=r"row 0 of s: missing key 'prompt' \(keys present: question\); rename the column or set data.prompt_key"):
         build_prompt_examples([{"question": "hi"}], tok, source="s", max_prompt_length=64)
     (ex,), _ = build_prompt_examples([{"question": "hi"}], tok, source="s", prompt_key="question", max_prompt_length=64)
     assert ex.extra == {}

@@ -209,7 +209,7 @@ def load_docs(name: str) -> list[dict]:
 def kuberay() -> dict:
     docs = {name: load_docs(name) for name in ("raycluster.yaml", "rayjob.yaml", "shared-pvc.yaml")}
     by_kind = {}
-    for name, ds in docs.items():
+    for ds in docs.values():
         for d in ds:
             by_kind.setdefault(d["kind"], []).append(d)
     return by_kind
@@ -453,7 +453,7 @@ def test_dockerfile_pins_and_install_order(name, extra):
     instrs = dockerfile(DEPLOY / name)
     commands = [c for i, rest in instrs if i == "RUN" for c in split_shell(rest)]
     seen = check_install_order(name, commands, extra=extra)
-    for _, opts, reqs in pip_installs(commands):
+    for _, _opts, reqs in pip_installs(commands):
         for r in reqs:
             if req_name(r) == "torch":
                 assert pinned(r), f"{name}: unpinned torch install `{r}`"

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from reward_model_fixture import build_sentiment_reward_model
 from safetensors.torch import load_file
 
-from reward_model_fixture import build_sentiment_reward_model
 from rlhf_cluster.cli import run_method
 from rlhf_cluster.config import load_config
 from rlhf_cluster.pipeline import load_pipeline, run_pipeline

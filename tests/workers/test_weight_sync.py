@@ -1,11 +1,12 @@
 """The object_store weight sync (a state dict into vLLM's reload_weights) on the real trainer and engine in one
 process: exact. The broadcast (gloo) path needs several processes and is checked in tests/cluster."""
 
+from sync_check import assert_sync_exact, trainer_spec
+
 from rlhf_cluster.cluster.actors import PolicyActor, RolloutActor
 from rlhf_cluster.cluster.groups import LocalGroup
 from rlhf_cluster.cluster.layout import RoleSpec
 from rlhf_cluster.cluster.specs import EngineSpec
-from sync_check import assert_sync_exact, trainer_spec
 
 
 def test_object_store_sync_is_exact(tiny_model_dir):
