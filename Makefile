@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEMO_CONFIG ?= configs/ppo_demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint demo bench bench-sync clean
+.PHONY: install test test-fast lint demo bench bench-sync methods clean
 
 install: $(STAMP)
 
@@ -47,6 +47,9 @@ bench: $(STAMP)
 
 bench-sync: $(STAMP)
 	$(BIN)/python benchmarks/bench_sync.py
+
+methods: $(STAMP)
+	$(BIN)/python benchmarks/methods.py
 
 clean:
 	rm -rf runs .pytest_cache

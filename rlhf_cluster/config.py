@@ -14,11 +14,35 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
+
+
+def _registry(name: str) -> dict:
+    """The registry that owns a choice: its keys are the valid names, its entries the metadata the config reads."""
+    if name == "advantage_estimator":
+        from rlhf_cluster.algos.advantages import ADVANTAGE_ESTIMATORS
+
+        return ADVANTAGE_ESTIMATORS
+    if name == "preference_loss":
+        from rlhf_cluster.algos.preference import PREFERENCE_LOSSES
+
+        return {**PREFERENCE_LOSSES, "kto": None}  # KTO: unpaired data, its own objective
+    from rlhf_cluster.algos.kl_controllers import KL_CONTROLLERS
+
+    return KL_CONTROLLERS
+
+
+def _registered(value: str, registry: str) -> str:
+    names = sorted(_registry(registry))
+    if value not in names:
+        near = difflib.get_close_matches(value, names, n=1)
+        raise ValueError(f"unknown {registry.replace('_', ' ')} {value!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+                         + f" (registered: {', '.join(names)})")
+    return value
 
 
 class _Strict(BaseModel):
@@ -139,8 +163,9 @@ class DataConfig(_Strict):
 class AlgorithmConfig(_Strict):
     """PPO-family settings (the math's hyper-parameters)."""
 
-    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field(
-        "gae", description="gae (with a critic), or critic-free: grpo, rloo (n_samples_per_prompt >= 2), reinforce_pp.")
+    advantage_estimator: str = Field(
+        "gae", description="A registered estimator (rlhf_cluster.algos.advantages): gae (with a critic), or critic-free: "
+        "grpo, rloo (n_samples_per_prompt >= 2), reinforce_pp.", json_schema_extra={"registry": "advantage_estimator"})
     gamma: float = Field(1.0, ge=0, le=1, description="Discount γ.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
     clip_eps_low: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip below 1.")
@@ -152,10 +177,21 @@ class AlgorithmConfig(_Strict):
         16, ge=1, description="Sequences (offline stages: examples or pairs) per optimizer step, all ranks together.")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL(π‖π_ref) estimator (Schulman's k1/k2/k3).")
     kl_coef: float = Field(0.05, ge=0, description="β of the per-token KL penalty (initial value if adaptive).")
-    kl_controller: Literal["fixed", "adaptive"] = Field("fixed", description="Fixed β, or adaptive toward kl_target (Ziegler et al. 2019).")
+    kl_controller: str = Field("fixed", description="Fixed β, or adaptive toward kl_target (Ziegler et al. 2019).",
+                               json_schema_extra={"registry": "kl_controller"})
     kl_target: float = Field(6.0, gt=0, description="Adaptive controller's target KL.")
     kl_horizon: int = Field(10000, gt=0, description="Adaptive controller's horizon.")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
+
+    @field_validator("advantage_estimator")
+    @classmethod
+    def _estimator(cls, v: str) -> str:
+        return _registered(v, "advantage_estimator")
+
+    @field_validator("kl_controller")
+    @classmethod
+    def _kl_controller(cls, v: str) -> str:
+        return _registered(v, "kl_controller")
 
     @model_validator(mode="after")
     def _dual_clip(self) -> AlgorithmConfig:
@@ -167,8 +203,9 @@ class AlgorithmConfig(_Strict):
 class PreferenceConfig(_Strict):
     """The DPO family (offline and online) and KTO."""
 
-    loss: Literal["dpo", "cdpo", "ipo", "hinge", "kto", "orpo", "simpo"] = Field(
-        "dpo", description="The preference loss; orpo and simpo need no reference model.")
+    loss: str = Field("dpo", description="A registered pairwise loss (rlhf_cluster.algos.preference: dpo, cdpo, ipo, "
+                      "hinge, orpo, simpo — orpo and simpo need no reference model) or kto (unpaired data).",
+                      json_schema_extra={"registry": "preference_loss"})
     beta: float = Field(0.1, gt=0, description="β (ORPO: the weight λ of the odds-ratio term).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO's ε: assumed fraction of flipped labels.")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin γ.")
@@ -184,9 +221,14 @@ class PreferenceConfig(_Strict):
             raise ValueError("preference.loss=cdpo needs preference.label_smoothing > 0 (e.g. 0.1); with 0 it is plain dpo")
         return self
 
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: str) -> str:
+        return _registered(v, "preference_loss")
+
     @property
     def needs_reference(self) -> bool:
-        return self.loss not in ("orpo", "simpo")
+        return self.loss == "kto" or _registry("preference_loss")[self.loss].needs_reference
 
 
 class ScheduleConfig(_Strict):
@@ -208,6 +250,10 @@ class ClusterConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for the local Ray (default: all).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the cluster has GPUs.")
     cpus_per_actor: float = Field(0.01, gt=0, description="CPU resource each actor reserves (CPU clusters).")
+    memory_check: bool = Field(True, description="GPU clusters: before any actor starts, estimate each GPU's memory "
+                               "(`rlhf-cluster plan`) and refuse a config that cannot fit.")
+    gpu_memory_gib: float | None = Field(None, gt=0, description="Memory of each GPU for that check (default: read from "
+                                         "the cluster's GPUs).")
     colocate_policy_reference: bool = Field(False, description="Reference replicas share the policy ranks' GPUs.")
     colocate_critic_reward: bool = Field(False, description="Reward replicas share the critic ranks' GPUs.")
 
@@ -247,7 +293,8 @@ class RunConfig(_Strict):
             # The usual initialisation: the critic starts from the reward model (or the policy).
             self.critic.model_name_or_path = self.reward.model_name_or_path or self.policy.model_name_or_path
         a, r, s = self.algorithm, self.rollout, self.schedule
-        if self.method == "ppo" and a.advantage_estimator in ("grpo", "rloo") and r.n_samples_per_prompt < 2:
+        if self.method == "ppo" and _registry("advantage_estimator")[a.advantage_estimator].needs_groups \
+                and r.n_samples_per_prompt < 2:
             raise ValueError(
                 f"algorithm.advantage_estimator={a.advantage_estimator} compares samples of one prompt: "
                 f"set rollout.n_samples_per_prompt >= 2 (got {r.n_samples_per_prompt})"
@@ -297,7 +344,7 @@ class RunConfig(_Strict):
 
     @property
     def needs_critic(self) -> bool:
-        return self.method == "ppo" and self.algorithm.advantage_estimator == "gae"
+        return self.method == "ppo" and _registry("advantage_estimator")[self.algorithm.advantage_estimator].needs_critic
 
 
 # ----------------------------------------------------------------------------- loading
@@ -349,7 +396,7 @@ def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> st
             hint = f"; did you mean '{near[0]}'?" if near else "; run `rlhf-cluster config` to list the fields"
             lines.append(f"unknown field '{loc}'{hint}")
         elif loc:
-            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{loc}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
         else:
             lines.append(e["msg"].removeprefix("Value error, "))
     return "invalid config:\n  " + "\n  ".join(lines)
@@ -477,8 +524,11 @@ def explain(cfg: RunConfig | None = None) -> str:
                                           else _show(default))
             args = typing.get_args(ann)
             literal = [a for a in args if typing.get_origin(a) is Literal] or ([ann] if typing.get_origin(ann) is Literal else [])
+            registry = (f.json_schema_extra or {}).get("registry") if isinstance(f.json_schema_extra, dict) else None
             if literal:
                 head += "   one of: " + ", ".join(_show(v) for v in typing.get_args(literal[0]))
+            elif registry:
+                head += "   one of: " + ", ".join(sorted(_registry(registry)))
             lines.append(head)
             if f.description:
                 lines.append(f"    {f.description}")

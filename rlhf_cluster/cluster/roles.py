@@ -80,6 +80,8 @@ def start_roles(cfg) -> Roles:
         c = cfg.cluster
         use_gpu = c.device == "cuda" or (c.device == "auto" and cluster_has_gpus())
         check_capacity(list(layout.values()), use_gpu)
+        if use_gpu and c.memory_check:
+            check_memory(cfg)
         roles = Roles()
         try:
             for name, spec in layout.items():
@@ -91,6 +93,43 @@ def start_roles(cfg) -> Roles:
     if "rollout" in layout:
         roles.weight_sync = resolve_backend(cfg.rollout.weight_sync, use_gpu, local)
     return roles
+
+
+def _gpu_memory_gib() -> float | None:
+    """Total memory of GPU 0 where this runs (a Ray task on a GPU node), or None without CUDA."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+
+
+def check_memory(cfg) -> None:
+    """Refuse, before any actor starts, a config whose estimated per-GPU memory exceeds this cluster's GPUs.
+
+    The estimate is :func:`rlhf_cluster.plan.build_plan` for the cluster's GPU nodes; the error
+    lists, per role, the shortfall and the settings that would make it fit.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from rlhf_cluster.cluster.groups import ActorFailure
+    from rlhf_cluster.plan import build_plan
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1]
+    if not nodes:
+        return
+    mem = cfg.cluster.gpu_memory_gib
+    if mem is None:
+        probe = ray.remote(num_cpus=0)(_gpu_memory_gib).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[0]["NodeID"], soft=False))
+        mem = ray.get(probe.remote(), timeout=120)
+        if mem is None:
+            return  # GPUs Ray was told about but CUDA cannot see: nothing to measure against
+    plan = build_plan(cfg, nodes=len(nodes), gpus_per_node=int(min(n["Resources"]["GPU"] for n in nodes)),
+                      gpu_memory_gib=mem)
+    if not plan.fits:
+        raise ActorFailure("this config does not fit the cluster's GPUs (estimated before any actor started; "
+                           "`rlhf-cluster plan` shows the whole table; cluster.memory_check=false skips this check):\n  "
+                           + "\n  ".join(plan.problems))
 
 
 def init_roles(roles: Roles, cfg) -> None:

@@ -125,3 +125,23 @@ def test_base_file_is_extended(tmp_path):
     (tmp_path / "c.yaml").write_text("base: c.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_choices_and_their_rules_come_from_the_registries():
+    """A registered estimator is a valid config value at once, and its metadata decides the critic and the groups."""
+    from rlhf_cluster.algos.advantages import ADVANTAGE_ESTIMATORS, register_advantage_estimator
+
+    with pytest.raises(ConfigError, match="unknown advantage estimator 'grp'; did you mean 'grpo'"):
+        load_config(None, [*BASE, "algorithm.advantage_estimator=grp"])
+    with pytest.raises(ConfigError, match="unknown preference loss 'dpoo'; did you mean 'dpo'"):
+        load_config(None, [*BASE, "method=dpo", "preference.loss=dpoo"])
+    register_advantage_estimator("test_groups", needs_critic=False, needs_groups=True, whiten=False)(lambda *a, **k: None)
+    try:
+        cfg = load_config(None, [*BASE, "algorithm.advantage_estimator=test_groups", "rollout.n_samples_per_prompt=2"])
+        assert not cfg.needs_critic
+        with pytest.raises(ConfigError, match="compares samples of one prompt"):
+            load_config(None, [*BASE, "algorithm.advantage_estimator=test_groups"])
+    finally:
+        ADVANTAGE_ESTIMATORS.pop("test_groups")
+    assert not load_config(None, [*BASE, "method=dpo", "preference.loss=simpo"]).needs_reference
+    assert load_config(None, [*BASE, "method=dpo", "preference.loss=kto"]).needs_reference
