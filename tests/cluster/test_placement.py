@@ -1,6 +1,7 @@
 """Placement on a simulated multi-node cluster: each role's actors land where the config says."""
 
 import collections
+from pathlib import Path
 
 import pytest
 import ray
@@ -11,6 +12,8 @@ from rlhf_cluster.cluster.roles import start_roles
 from rlhf_cluster.config import load_config
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -74,5 +77,19 @@ def test_too_many_gpus_is_refused_before_any_actor_starts(gpu_cluster):
     cfg = load_config(None, [*BASE, "policy.num_nodes=2", "policy.num_gpus_per_node=4", "critic.num_gpus_per_node=4",
                              "rollout.num_engines=2"])
     with pytest.raises(ActorFailure, match="the roles need 16 GPUs .* but the cluster has 12"):
+        start_roles(cfg)
+    assert ray.available_resources().get("GPU") == 12  # nothing was reserved
+
+
+def test_a_config_that_cannot_fit_in_gpu_memory_is_refused_before_any_actor_starts(gpu_cluster):
+    """The plan's estimate against the cluster's GPUs (80 GiB each here): a 7B PPO at ZeRO-2 is refused, naming the
+    role, the shortfall and a fix; the same config with that fix passes the check."""
+    assert _wait_for_free_gpus(12) == 12
+    shapes = REPO / "configs" / "shapes" / "qwen2.5-7b"
+    cfg = load_config(None, [f"policy.model_name_or_path={shapes}", "reward.function=rlhf_cluster.rewards:sentiment",
+                             "data.train_path=/unused", "algorithm.mini_batch_size=16", "policy.micro_batch_size=1",
+                             "critic.micro_batch_size=1", "cluster.gpu_memory_gib=80"])
+    with pytest.raises(ActorFailure, match=r"does not fit the cluster's GPUs[\s\S]*policy: needs [\d.]+ GiB per GPU .*short "
+                                           r"[\d.]+ GiB\); fits with: .*offload_optimizer=true"):
         start_roles(cfg)
     assert ray.available_resources().get("GPU") == 12  # nothing was reserved
