@@ -130,7 +130,7 @@ def test_a_refused_port_an_http_port_and_a_silent_port_are_told_apart(http_serve
 def test_cli_overrides_may_follow_flags_and_config_explains_fields(capsys, tmp_path):
     assert main(["config", str(REPO / "configs" / "dpo.yaml"), "--explain", "seed=7"]) == 0
     out = capsys.readouterr().out
-    assert "seed: 7   (default 0)" in out and "preference.loss: dpo   (default dpo)   one of: dpo, cdpo" in out
+    assert "seed: 7   (default 0)" in out and "preference.loss: dpo   (default dpo)   one of: cdpo, dpo, hinge, ipo, kto" in out
     assert main(["config"]) == 0
     assert "policy.zero_stage: 2   one of: 0, 1, 2, 3" in capsys.readouterr().out
     assert main(["config", str(REPO / "configs" / "pipeline_sft_dpo.yaml")]) == 0
