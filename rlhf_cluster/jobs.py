@@ -56,7 +56,12 @@ def client(address: str | None, timeout_s: float = 30.0):
         raise ConnectError(f"{url} is not a dashboard URL: the Jobs API is at http://HEAD:8265")
     use_token_if_available()
     check_dashboard(addr, timeout_s)
+    import logging
+
     from ray.job_submission import JobSubmissionClient
+
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # "Uploading package ..." lines say nothing to a user
 
     try:
         return JobSubmissionClient(url)
