@@ -41,13 +41,6 @@ class Experience:
         """Rows ``idx`` of every tensor field."""
         return replace(self, **{f.name: (v[idx] if (v := getattr(self, f.name)) is not None else None) for f in fields(self)})
 
-    def chunk(self, n: int) -> list[Experience]:
-        """Split into ``n`` contiguous equal parts (one per data-parallel rank)."""
-        if self.batch_size % n:
-            raise ValueError(f"batch of {self.batch_size} sequences does not split into {n} equal parts")
-        k = self.batch_size // n
-        return [self.select(slice(i * k, (i + 1) * k)) for i in range(n)]
-
     def to(self, device) -> Experience:
         return replace(self, **{f.name: (v.to(device) if (v := getattr(self, f.name)) is not None else None) for f in fields(self)})
 

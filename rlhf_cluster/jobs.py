@@ -27,7 +27,7 @@ from rlhf_cluster.cluster.connect import (
     stage_module,
     use_token_if_available,
 )
-from rlhf_cluster.config import PATH_FIELDS, ConfigError, _read_tree, _set_dotted, load_config, parse_override
+from rlhf_cluster.config import PATH_FIELDS, _read_tree, _set_dotted, load_config, parse_override
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -259,5 +259,3 @@ def list_jobs(address: str | None, timeout_s: float = 30.0, out=print) -> int:
         out(f"{j.submission_id:32s} {str(j.status):10s} {started:20s} {j.entrypoint[:80]}")
     return 0
 
-
-__all__ = ["ConfigError", "JobError", "list_jobs", "logs", "status", "stop", "submit"]

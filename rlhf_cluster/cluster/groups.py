@@ -123,11 +123,12 @@ class RoleGroup:
         """Every rank loads ``spec`` into one torch.distributed group (rank 0 hosts the rendezvous)."""
         from rlhf_cluster.cluster.actors import _TrainerShell
 
-        addr, port = self._first(_TrainerShell.free_port)
+        addr, port = self.on_rank0(_TrainerShell.free_port)
         return self.call(_TrainerShell.init, spec, len(self), addr, port, what="init")
 
-    def _first(self, fn: Callable):
-        return self.each(fn, [()], what=fn.__name__).get()[0]
+    def on_rank0(self, fn: Callable, *args):
+        """``fn(*args)`` on rank 0 alone, its result (e.g. the rendezvous address rank 0 hosts)."""
+        return self.each(fn, [args], what=fn.__name__).get()[0]
 
     def placements(self, timeout_s: float = 120.0) -> list[dict]:
         from rlhf_cluster.cluster.actors import _Shell

@@ -154,7 +154,6 @@ def test_bad_addresses_fail_fast_naming_the_address_and_the_fix(head, project):
         ([*train, "--address", f"ray://127.0.0.1:{closed}"], f"nothing listens at 127.0.0.1:{closed}"),
         ([*train, "--address", f"127.0.0.1:{head.dash_port}"], "is an HTTP server — Ray's dashboard"),
         ([*train, "--address", head.dashboard], "is the dashboard / Jobs API address"),
-        ([*train, "--address", "no-such-host.invalid:6379"], "cannot resolve 'no-such-host.invalid'"),
         (["list", "--address", f"http://127.0.0.1:{head.port}"], "does not speak HTTP"),
         (["status", "raysubmit_nope", "--address", head.dashboard], "no such job"),
     ]
