@@ -53,12 +53,22 @@ class EpochSampler:
 
 
 class MetricsSink:
-    """metrics.jsonl (one line per step) plus TensorBoard under ``out/tensorboard``."""
+    """metrics.jsonl (one line per step) plus TensorBoard under ``out/tensorboard``.
 
-    def __init__(self, out_dir: Path, append: bool):
+    ``resume_step``: a resumed run keeps the lines up to the checkpoint's step and drops the
+    ones a crashed run wrote after it, which the resumed run writes again (no duplicated steps).
+    """
+
+    def __init__(self, out_dir: Path, resume_step: int | None = None):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
-        self._f = open(self.path, "a" if append else "w")
+        if resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        self._f = open(self.path, "a" if resume_step is not None else "w")
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -218,7 +218,7 @@ class OfflineRun:
         steps = math.ceil(cfg.schedule.num_epochs * len(self.train) / self.batch)
         steps_per_epoch = max(1, round(len(self.train) / self.batch))
         out = Path(cfg.output_dir)
-        sink = MetricsSink(out, append=False)
+        sink = MetricsSink(out)
         summary: dict = {"steps": steps}
         try:
             if self.reference is not None and cfg.preference.reference_mode == "precompute":

@@ -144,7 +144,7 @@ class RLRun:
                 raise FileNotFoundError(f"--resume: no checkpoint under {checkpoint_root(self.out)}")
             self.load_checkpoint(ckpt)
             self.log(f"resumed from {ckpt} at step {self.step}")
-        sink = MetricsSink(self.out, append=resume)
+        sink = MetricsSink(self.out, resume_step=self.step if resume else None)
         summary: dict = {}
         try:
             if self.step == 0:

@@ -60,15 +60,14 @@ def test_ppo_raises_a_function_reward(ppo_run):
 
 
 def test_resume_continues_exactly(ppo_run, tiny_model_dir):
-    """Rewind the finished run to its step-15 checkpoint, resume, and get the same steps 16-30 and weights."""
+    """Rewind the finished run to its step-15 checkpoint, resume, and get the same steps 16-30 and weights; the
+    metrics the crashed run wrote after step 15 are replaced, not duplicated."""
     full, _ = ppo_run
     cut = full.parent / "resumed"
     shutil.copytree(full, cut)
     shutil.rmtree(cut / "checkpoints" / "step_000030")
     shutil.rmtree(cut / "policy")
-    (cut / "checkpoints" / "latest").write_text("step_000015")
-    (cut / "metrics.jsonl").write_text("".join(line + "\n" for line in (full / "metrics.jsonl").read_text().splitlines()
-                                               if json.loads(line)["step"] <= 15))
+    (cut / "checkpoints" / "latest").write_text("step_000015")  # as if it crashed after step 30's metrics, before its checkpoint
     run_method(config("ppo_demo.yaml", tiny_model_dir, cut, "schedule.save_every=15"), resume=True)
     state_full = torch.load(full / "checkpoints" / "step_000030" / "driver_state.pt", weights_only=True)
     state_cut = torch.load(cut / "checkpoints" / "step_000030" / "driver_state.pt", weights_only=True)
