@@ -446,6 +446,11 @@ PATH_FIELDS = ("output_dir", "policy.model_name_or_path", "critic.model_name_or_
                "reward.model_name_or_path", "reward.code_dir", "data.train_path", "data.eval_path")
 
 
+def absolute_path(value: str, base: Path) -> str:
+    """``value`` (``~`` expanded) as an absolute path, relative ones taken from ``base``."""
+    return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+
+
 def absolute_paths(cfg: RunConfig, base: Path, config_dir: Path | None = None) -> RunConfig:
     """Every path field made absolute against ``base``; a local reward module's directory found and recorded."""
     for dotted in PATH_FIELDS:
@@ -453,7 +458,7 @@ def absolute_paths(cfg: RunConfig, base: Path, config_dir: Path | None = None) -
         owner = getattr(cfg, section) if section else cfg
         value = getattr(owner, name)
         if value is not None:
-            setattr(owner, name, os.path.abspath(os.path.join(base, os.path.expanduser(value))))
+            setattr(owner, name, absolute_path(value, base))
     if cfg.reward.function and cfg.reward.code_dir is None:
         found = find_local_module(cfg.reward.function.partition(":")[0], [d for d in (config_dir, base) if d is not None])
         if found is not None:

@@ -22,12 +22,13 @@ import yaml
 from rlhf_cluster.cluster.connect import (
     TOKEN_FIX,
     ConnectError,
+    _token_state,
     check_dashboard,
     parse_address,
     stage_module,
     use_token_if_available,
 )
-from rlhf_cluster.config import PATH_FIELDS, _read_tree, _set_dotted, load_config, parse_override
+from rlhf_cluster.config import PATH_FIELDS, _read_tree, _set_dotted, absolute_path, load_config, parse_override
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -49,7 +50,7 @@ def dashboard_address(address: str | None) -> str:
 
 
 def client(address: str | None, timeout_s: float = 30.0):
-    """A JobSubmissionClient for the dashboard at ``address``, after a bounded reachability check."""
+    """A JobSubmissionClient for the dashboard at ``address`` (after a bounded reachability check), and its URL."""
     url = dashboard_address(address)
     addr = parse_address(url)
     if addr.kind != "dashboard":
@@ -64,7 +65,7 @@ def client(address: str | None, timeout_s: float = 30.0):
         logging.getLogger(name).setLevel(logging.WARNING)  # "Uploading package ..." lines say nothing to a user
 
     try:
-        return JobSubmissionClient(url)
+        return JobSubmissionClient(url), url
     except Exception as e:
         raise _one_line(e, url) from None
 
@@ -72,9 +73,7 @@ def client(address: str | None, timeout_s: float = 30.0):
 def _one_line(e: Exception, url: str) -> Exception:
     text = str(e)
     if type(e).__name__ == "AuthenticationError" or "Authentication" in text:
-        state = "no token was found here" if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" else \
-            "the token found here was rejected"
-        return ConnectError(f"the Jobs API at {url} requires token authentication and {state}. Fix: {TOKEN_FIX}")
+        return ConnectError(f"the Jobs API at {url} requires token authentication and {_token_state()}. Fix: {TOKEN_FIX}")
     return ConnectError(f"the Jobs API at {url}: {text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__}")
 
 
@@ -105,7 +104,7 @@ def _absolute_tree(tree: dict, base: Path) -> dict:
         for k in parents:
             node = node.get(k) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(leaf), str) and "${" not in node[leaf]:
-            node[leaf] = os.path.abspath(os.path.join(base, os.path.expanduser(node[leaf])))
+            node[leaf] = absolute_path(node[leaf], base)
     return tree
 
 
@@ -163,7 +162,7 @@ def stage_job(config: str, overrides: list[str]) -> tuple[Path, str, list[str]]:
 def _absolute_tree_flat(overrides: dict, base: Path) -> dict:
     """Pipeline stage overrides (dotted keys) with path values made absolute."""
     paths = set(PATH_FIELDS)
-    return {k: (os.path.abspath(os.path.join(base, v)) if k in paths and isinstance(v, str) and "${" not in v else v)
+    return {k: (absolute_path(v, base) if k in paths and isinstance(v, str) and "${" not in v else v)
             for k, v in overrides.items()}
 
 
@@ -172,8 +171,7 @@ def _absolute_tree_flat(overrides: dict, base: Path) -> dict:
 
 def submit(config: str, overrides: list[str], address: str | None, *, follow: bool = False, job_id: str | None = None,
            timeout_s: float = 30.0, out=print) -> int:
-    c = client(address, timeout_s)
-    url = dashboard_address(address)
+    c, url = client(address, timeout_s)
     folder, name, outputs = stage_job(config, overrides)
     try:
         entrypoint = f"rlhf-cluster train {name} --address auto"
@@ -191,16 +189,15 @@ def submit(config: str, overrides: list[str], address: str | None, *, follow: bo
 
 
 def status(job_id: str, address: str | None, timeout_s: float = 30.0, out=print) -> int:
-    c = client(address, timeout_s)
-    info = _call(c.get_job_info, dashboard_address(address), job_id)
+    c, url = client(address, timeout_s)
+    info = _call(c.get_job_info, url, job_id)
     out(f"{job_id}: {info.status}" + (f" — {info.message}" if info.message else ""))
     return 0
 
 
 def logs(job_id: str, address: str | None, *, follow: bool = False, timeout_s: float = 30.0, out=print) -> int:
     """Print the job's output; with ``follow`` until it ends (exit code 0 only if it SUCCEEDED)."""
-    c = client(address, timeout_s)
-    url = dashboard_address(address)
+    c, url = client(address, timeout_s)
     if not follow:
         sys.stdout.write(_call(c.get_job_logs, url, job_id))
         return 0
@@ -239,8 +236,7 @@ def _wait(c, url: str, job_id: str, timeout_s: float | None):
 
 def stop(job_id: str, address: str | None, timeout_s: float = 30.0, wait_s: float = 120.0, out=print) -> int:
     """Ask the job to stop and wait until it has (its driver gone, so are its actors)."""
-    c = client(address, timeout_s)
-    url = dashboard_address(address)
+    c, url = client(address, timeout_s)
     _call(c.stop_job, url, job_id)
     info = _wait(c, url, job_id, wait_s)
     out(f"{job_id}: {info.status}")
@@ -248,8 +244,8 @@ def stop(job_id: str, address: str | None, timeout_s: float = 30.0, wait_s: floa
 
 
 def list_jobs(address: str | None, timeout_s: float = 30.0, out=print) -> int:
-    c = client(address, timeout_s)
-    jobs = [j for j in _call(c.list_jobs, dashboard_address(address)) if j.submission_id]
+    c, url = client(address, timeout_s)
+    jobs = [j for j in _call(c.list_jobs, url) if j.submission_id]
     if not jobs:
         out("no jobs")
         return 0

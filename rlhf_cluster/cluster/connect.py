@@ -171,6 +171,7 @@ def _native_stderr_muted():
 
 
 def _token_state() -> str:
+    """Why a cluster refused us: no token here at all, or one that does not match."""
     if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
         return "no token was found here"
     return "the token found here does not match"
