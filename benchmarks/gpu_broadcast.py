@@ -104,7 +104,8 @@ def trainer(a) -> int:
                       mini_batch_size=8, learning_rate=1e-3, gradient_checkpointing=True)
     exp = _batch(a.device)
     exp.old_logprobs = t.logprobs(exp)
-    stats = t.update(exp, "ppo", epochs=1, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, entropy_coef=0.0)
+    stats = t.update(exp, "ppo", epochs=1, clip_eps_low=0.2, clip_eps_high=0.2, policy_loss="vanilla", policy_loss_params={},
+                     loss_agg_mode="token_mean", entropy_coef=0.0)
     trainer_logps = t.logprobs(exp)
     checks["update_loss_finite"] = bool(torch.isfinite(torch.tensor(stats["loss"])))
     checks["update_moved_policy"] = bool((trainer_logps - exp.old_logprobs).abs().max() > 1e-3)

@@ -51,7 +51,8 @@ BIG = {
               "response": 64, "micro": 4, "mini": 8, "lr": 1e-3},
 }
 TINY = {"batch": 16, "prompt": 16, "response": 32, "micro": 4, "mini": 8, "lr": 1e-2}
-PPO_HP = {"clip_eps_low": 0.2, "clip_eps_high": 0.2, "dual_clip": None, "entropy_coef": 0.0}
+PPO_HP = {"clip_eps_low": 0.2, "clip_eps_high": 0.2, "policy_loss": "vanilla", "policy_loss_params": {},
+          "loss_agg_mode": "token_mean", "entropy_coef": 0.0}
 VALUE_HP = {"value_clip": 0.2}
 
 

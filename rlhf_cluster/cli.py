@@ -11,6 +11,7 @@ import json
 import sys
 
 from rlhf_cluster.config import ConfigError
+from rlhf_cluster.logs import quiet_libraries
 
 COMMANDS = {
     "train": "run a training job (any method; a pipeline file runs its stages in order)",
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = _parsers()[argv[0]].parse_intermixed_args(argv[1:])
     args.cmd = argv[0]
+    quiet_libraries()
     try:
         return _run(args)
     except Terminated:

@@ -7,14 +7,24 @@ the fix. Math never sees these objects: drivers unpack them into plain arguments
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -31,6 +41,14 @@ def _registry(name: str) -> dict:
         from rlhf_cluster.algos.preference import PREFERENCE_LOSSES
 
         return {**PREFERENCE_LOSSES, "kto": None}  # KTO: unpaired data, its own objective
+    if name == "policy_loss":
+        from rlhf_cluster.algos.ppo import POLICY_LOSSES
+
+        return POLICY_LOSSES
+    if name == "loss_agg_mode":
+        from rlhf_cluster.algos.ppo import LOSS_AGG_MODES
+
+        return LOSS_AGG_MODES
     from rlhf_cluster.algos.kl_controllers import KL_CONTROLLERS
 
     return KL_CONTROLLERS
@@ -45,8 +63,53 @@ def _registered(value: str, registry: str) -> str:
     return value
 
 
+def _params_class(registry: str, choice: str) -> type:
+    """The frozen dataclass of ``choice``'s own parameters (KTO, outside the pairwise registry, has none)."""
+    from rlhf_cluster.algos.core import NoParams
+
+    entry = _registry(registry)[choice]
+    return NoParams if entry is None else entry.params
+
+
+def _params(values: dict, registry: str, choice: str) -> dict:
+    """``values`` checked against ``choice``'s params dataclass (names, types, its __post_init__ ranges), with
+    the omitted ones filled from its defaults: the plain keyword arguments the loss receives."""
+    params = _params_class(registry, choice)
+    allowed = [f.name for f in dataclasses.fields(params)]
+    for key in values:
+        if key not in allowed:
+            near = difflib.get_close_matches(key, allowed, n=1)
+            raise ValueError(f"{choice} has no parameter {key!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+                             + (f" ({choice} takes: {', '.join(allowed)})" if allowed else f" ({choice} takes none)"))
+    try:
+        return dataclasses.asdict(TypeAdapter(params).validate_python(values))
+    except ValidationError as e:
+        problems = [f"{choice} needs {err['loc'][0]} (it has no default)" if err["type"] == "missing"
+                    else f"{choice}.{err['loc'][0]}: {err['msg']}" if err["loc"]
+                    else f"{choice}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
+        raise ValueError("; ".join(problems)) from None
+
+
+def _params_doc(registry: str) -> list[str]:
+    """One line per registered choice: its parameters with types and defaults, and its params docstring."""
+    lines, bare = [], []
+    for name in sorted(_registry(registry)):
+        params = _params_class(registry, name)
+        fs = dataclasses.fields(params)
+        if not fs:
+            bare.append(name)
+            continue
+        shown = ", ".join(f"{f.name}: {getattr(f.type, '__name__', f.type)}"
+                          + (f" = {_show(f.default)}" if f.default is not dataclasses.MISSING else " (required)") for f in fs)
+        doc = (params.__doc__ or "").strip().splitlines()[0] if params.__doc__ else ""
+        lines.append(f"{name}: {shown}" + (f" — {doc}" if doc else ""))
+    return [*lines, f"{', '.join(bare)}: none"] if bare else lines
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # Fields that moved, old name -> where to now: the unknown-field error says so instead of guessing.
+    moved: ClassVar[dict[str, str]] = {}
 
 
 # ----------------------------------------------------------------------------- roles
@@ -99,24 +162,47 @@ class ScorerConfig(_Strict):
 
 
 class RewardConfig(ScorerConfig):
-    """The reward: a scalar-head model, or a Python function ``module:function``."""
+    """Where r(x, y) comes from: a scalar-head model, a Python function, or an HTTP reward server."""
 
+    kind: Literal["model", "function", "http"] | None = Field(
+        None, description="The reward source. model: a scalar-head model at model_name_or_path (reads token ids). "
+        "function: a Python function (rule-based or verifiable rewards). http: a reward server at url. "
+        "null: whichever of model_name_or_path / function / url is set.")
     function: str | None = Field(
         None,
-        description="'module:function' called as fn(prompts: list[str], responses: list[str]) -> list[float]; "
-        "replaces the reward model (rule-based rewards). A module not installed as a package may sit next to the "
-        "config file or in the working directory; it is shipped to every actor.",
+        description="'module:function' called as fn(prompts: list[str], responses: list[str], **fields) -> list[float]; "
+        "further named parameters get those dataset columns (one value per row: a ground-truth answer, tests), "
+        "**kwargs gets every column. A module not installed as a package may sit next to the config file or in the "
+        "working directory; it is shipped to every actor.",
     )
     code_dir: str | None = Field(
         None, description="Directory holding reward.function's module when it is not an installed package (found next to "
         "the config or in the working directory when null). Only that module is shipped to the actors.")
+    url: str | None = Field(
+        None, description="http: the reward server. It gets POST {\"prompts\": [...], \"responses\": [...], "
+        "\"extras\": [{dataset row's other fields}, ...]} and answers {\"rewards\": [one number per row]}.")
+    timeout_s: float = Field(30.0, gt=0, description="http: seconds to wait for each request.")
+    max_retries: int = Field(3, ge=0, description="http: retries of a request that timed out, could not connect or got "
+                             "429/5xx (exponential backoff from 0.5 s).")
+    request_batch_size: int = Field(64, ge=1, description="http: rows per request.")
+    api_key_env: str | None = Field(None, description="http: environment variable (on the reward actor's node) whose "
+                                    "value is sent as 'Authorization: Bearer <value>'.")
 
     @model_validator(mode="after")
     def _one_source(self) -> RewardConfig:
-        if self.function and self.model_name_or_path:
-            raise ValueError("set either reward.function or reward.model_name_or_path, not both")
+        field = {"model": "model_name_or_path", "function": "function", "http": "url"}
+        given = [k for k, v in (("model", self.model_name_or_path), ("function", self.function), ("http", self.url))
+                 if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"the reward has one source; set only one of reward.{', reward.'.join(field[k] for k in given)}")
+        if self.kind is None and given:
+            self.kind = given[0]
+        if self.kind is not None and given and self.kind != given[0]:
+            raise ValueError(f"reward.kind={self.kind} needs reward.{field[self.kind]}, but reward.{field[given[0]]} is set")
         if self.function is not None and ":" not in self.function:
             raise ValueError(f"reward.function must look like 'package.module:function', got {self.function!r}")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"reward.url must start with http:// or https://, got {self.url!r}")
         return self
 
 
@@ -170,7 +256,16 @@ class AlgorithmConfig(_Strict):
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
     clip_eps_low: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip below 1.")
     clip_eps_high: float = Field(0.2, gt=0, description="PPO ratio clip above 1.")
-    dual_clip: float | None = Field(None, description="Dual-clip constant c > 1 for negative advantages, or null.")
+    policy_loss: str = Field("vanilla", description="A registered per-token policy loss (rlhf_cluster.algos.ppo): vanilla "
+                             "(the clipped surrogate) or dual_clip (also bounds the loss at -cÂ for Â < 0).",
+                             json_schema_extra={"registry": "policy_loss"})
+    policy_loss_params: dict[str, Any] = Field(
+        default_factory=dict, validate_default=True, description="policy_loss's own parameters, checked against its "
+        "params dataclass; omitted ones take their defaults.", json_schema_extra={"params_of": "policy_loss"})
+    loss_agg_mode: str = Field(
+        "token_mean", description="How per-token policy losses become one: token_mean (every token weighs the same), "
+        "seq_mean_token_sum (per-sequence sums, averaged over sequences), seq_mean_token_mean (per-sequence means, "
+        "averaged over sequences).", json_schema_extra={"registry": "loss_agg_mode"})
     value_clip: float | None = Field(0.2, description="Critic value clip ε, or null for an unclipped loss.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
     mini_batch_size: int = Field(
@@ -183,21 +278,33 @@ class AlgorithmConfig(_Strict):
     kl_horizon: int = Field(10000, gt=0, description="Adaptive controller's horizon.")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
 
+    moved: ClassVar[dict[str, str]] = {
+        "dual_clip": "algorithm.policy_loss: dual_clip with algorithm.policy_loss_params: {c: ...} (c > 1, default 3.0)"}
+
     @field_validator("advantage_estimator")
     @classmethod
     def _estimator(cls, v: str) -> str:
         return _registered(v, "advantage_estimator")
 
+    @field_validator("policy_loss")
+    @classmethod
+    def _policy_loss(cls, v: str) -> str:
+        return _registered(v, "policy_loss")
+
+    @field_validator("policy_loss_params")
+    @classmethod
+    def _policy_loss_params(cls, v: dict, info: ValidationInfo) -> dict:
+        return _params(v, "policy_loss", info.data["policy_loss"]) if "policy_loss" in info.data else v
+
+    @field_validator("loss_agg_mode")
+    @classmethod
+    def _loss_agg_mode(cls, v: str) -> str:
+        return _registered(v, "loss_agg_mode")
+
     @field_validator("kl_controller")
     @classmethod
     def _kl_controller(cls, v: str) -> str:
         return _registered(v, "kl_controller")
-
-    @model_validator(mode="after")
-    def _dual_clip(self) -> AlgorithmConfig:
-        if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError(f"dual_clip must be > 1 (got {self.dual_clip}); use e.g. 3.0 or null to disable")
-        return self
 
 
 class PreferenceConfig(_Strict):
@@ -207,24 +314,27 @@ class PreferenceConfig(_Strict):
                       "hinge, orpo, simpo — orpo and simpo need no reference model) or kto (unpaired data).",
                       json_schema_extra={"registry": "preference_loss"})
     beta: float = Field(0.1, gt=0, description="β (ORPO: the weight λ of the odds-ratio term).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO's ε: assumed fraction of flipped labels.")
-    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin γ.")
+    loss_params: dict[str, Any] = Field(
+        default_factory=dict, validate_default=True, description="The loss's own parameters, checked against its params "
+        "dataclass; omitted ones take their defaults.", json_schema_extra={"params_of": "preference_loss"})
     kto_desirable_weight: float = Field(1.0, gt=0, description="KTO's λ_D.")
     kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO's λ_U.")
     reference_mode: Literal["precompute", "on_the_fly"] = Field(
         "precompute", description="Reference log-probs: computed once before training and cached, or every batch.")
     steps_per_iteration: int = Field(1, ge=1, description="Online DPO: passes over each iteration's fresh pairs.")
 
-    @model_validator(mode="after")
-    def _cdpo(self) -> PreferenceConfig:
-        if self.loss == "cdpo" and self.label_smoothing == 0:
-            raise ValueError("preference.loss=cdpo needs preference.label_smoothing > 0 (e.g. 0.1); with 0 it is plain dpo")
-        return self
+    moved: ClassVar[dict[str, str]] = {"label_smoothing": "preference.loss_params.label_smoothing (cdpo)",
+                                       "simpo_gamma": "preference.loss_params.gamma (simpo)"}
 
     @field_validator("loss")
     @classmethod
     def _loss(cls, v: str) -> str:
         return _registered(v, "preference_loss")
+
+    @field_validator("loss_params")
+    @classmethod
+    def _loss_params(cls, v: dict, info: ValidationInfo) -> dict:
+        return _params(v, "preference_loss", info.data["loss"]) if "loss" in info.data else v
 
     @property
     def needs_reference(self) -> bool:
@@ -287,8 +397,9 @@ class RunConfig(_Strict):
         if self.reference.model_name_or_path is None:
             self.reference.model_name_or_path = self.policy.model_name_or_path
         rl = self.method in ("ppo", "online_dpo")
-        if rl and self.reward.model_name_or_path is None and self.reward.function is None:
-            raise ValueError("the reward needs a source: set reward.model_name_or_path or reward.function='module:function'")
+        if rl and self.reward.kind is None:
+            raise ValueError("the reward needs a source: set reward.model_name_or_path (a reward model), "
+                             "reward.function='module:function', or reward.url (a reward server)")
         if self.critic.model_name_or_path is None and self.needs_critic:
             # The usual initialisation: the critic starts from the reward model (or the policy).
             self.critic.model_name_or_path = self.reward.model_name_or_path or self.policy.model_name_or_path
@@ -386,12 +497,24 @@ def _known_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
     return out
 
 
+def _moved(model: type[BaseModel], loc: tuple) -> str | None:
+    """Where the field at ``loc`` went, if the section that owned it lists it in ``moved``."""
+    for part in loc[:-1]:
+        f = model.model_fields.get(str(part))
+        if f is None or not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)):
+            return None
+        model = f.annotation
+    return getattr(model, "moved", {}).get(str(loc[-1]))
+
+
 def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
     known = _known_fields(model)
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and (moved := _moved(model, e["loc"])):
+            lines.append(f"{loc} moved to {moved}")
+        elif e["type"] == "extra_forbidden":
             near = difflib.get_close_matches(loc, known, n=1)
             hint = f"; did you mean '{near[0]}'?" if near else "; run `rlhf-cluster config` to list the fields"
             lines.append(f"unknown field '{loc}'{hint}")
@@ -537,6 +660,9 @@ def explain(cfg: RunConfig | None = None) -> str:
             lines.append(head)
             if f.description:
                 lines.append(f"    {f.description}")
+            params_of = (f.json_schema_extra or {}).get("params_of") if isinstance(f.json_schema_extra, dict) else None
+            if params_of:
+                lines.extend(f"      {line}" for line in _params_doc(params_of))
 
     walk(RunConfig, cfg, "")
     return "\n".join(lines).lstrip("\n") + "\n"
@@ -600,5 +726,27 @@ def preflight(cfg: RunConfig, produced: frozenset[str] = frozenset()) -> None:
         path = getattr(cfg.data, field)
         if path is not None and not Path(path).exists():
             raise ConfigError(f"data.{field}={path!r} does not exist")
-    if cfg.reward.function and cfg.method in ("ppo", "online_dpo"):
-        resolve_function(cfg.reward.function, cfg.reward.code_dir)
+    if cfg.method in ("ppo", "online_dpo"):
+        _check_reward_source(cfg.reward)
+
+
+def _check_reward_source(r: RewardConfig) -> None:
+    """A reward function that imports and has the right shape; a reward server that accepts connections."""
+    if r.kind == "function":
+        from rlhf_cluster.workers.reward_sources import function_fields
+
+        try:
+            function_fields(resolve_function(r.function, r.code_dir))
+        except TypeError as e:
+            raise ConfigError(f"reward.function={r.function!r} {e}") from None
+    elif r.kind == "http":
+        import socket
+        from urllib.parse import urlsplit
+
+        u = urlsplit(r.url)
+        port = u.port or (443 if u.scheme == "https" else 80)
+        try:
+            socket.create_connection((u.hostname, port), timeout=min(r.timeout_s, 10.0)).close()
+        except OSError as e:
+            raise ConfigError(f"reward.url={r.url!r}: cannot connect to {u.hostname}:{port} ({e.strerror or e}); "
+                              "start the reward server first, or fix the URL") from None

@@ -37,6 +37,11 @@ class Experience:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def only(self, *names: str) -> Experience:
+        """The token ids and masks plus the named fields, the rest left out: what one role reads, so
+        nothing else is serialised to it (a scorer needs no advantages, the critic no log-probs)."""
+        return Experience(self.input_ids, self.attention_mask, self.action_mask, **{n: getattr(self, n) for n in names})
+
     def select(self, idx: torch.Tensor | slice) -> Experience:
         """Rows ``idx`` of every tensor field."""
         return replace(self, **{f.name: (v[idx] if (v := getattr(self, f.name)) is not None else None) for f in fields(self)})
@@ -51,6 +56,20 @@ class Experience:
             vals = [getattr(p, f.name) for p in parts]
             out[f.name] = None if any(v is None for v in vals) else torch.cat(vals)
         return Experience(**out)
+
+
+@dataclass
+class Rollout:
+    """One step's samples as the engines returned them: the batch (with the engine's log-probs), each
+    row's prompt text, decoded response and dataset fields, and the policy version that sampled it."""
+
+    exp: Experience
+    prompts: list[str]
+    responses: list[str]
+    extras: list[dict]
+    weights_version: int
+    gen_tokens: int
+    truncated_frac: float
 
 
 def build_experience(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,

@@ -648,8 +648,9 @@ def build_plan(cfg, *, nodes: int, gpus_per_node: int, gpu_memory_gib: float,
     rows: dict[str, RoleRow] = {}
     engine_mem = None
     for name, spec in specs.items():
-        if name == "reward" and cfg.reward.function:
-            rows[name] = RoleRow(name, spec.size, (), 0, note=f"function {cfg.reward.function}")
+        if name == "reward" and cfg.reward.kind != "model":
+            rows[name] = RoleRow(name, spec.size, (), 0, note=f"function {cfg.reward.function}" if cfg.reward.function
+                                 else f"server {cfg.reward.url}")
             continue
         path = {"critic": cfg.critic.model_name_or_path, "reference": cfg.reference.model_name_or_path,
                 "reward": cfg.reward.model_name_or_path}.get(name, cfg.policy.model_name_or_path)

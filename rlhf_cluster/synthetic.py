@@ -68,6 +68,22 @@ def feedback_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def larger_rows(pairs: list[tuple[int, int]]) -> list[dict]:
+    """"Which is larger, a or b?" prompts with their ``answer``: RL's verifiable reward checks it, SFT
+    trains on it (``data.response_key: answer``)."""
+    return [{"prompt": f"Which is larger, {a} or {b}?", "answer": str(max(a, b))} for a, b in pairs]
+
+
+def larger_splits(seed: int = 7) -> dict[str, list[dict]]:
+    """Pairs of different numbers below 20: 64 held out; the rest for RL, of which SFT sees 64 — enough
+    to learn to answer with one number, not to answer right."""
+    pairs = [(a, b) for a in range(20) for b in range(20) if a != b]
+    random.Random(seed).shuffle(pairs)
+    held, train = pairs[:64], pairs[64:]
+    return {"larger_sft.jsonl": larger_rows(train[:64]), "larger_train.jsonl": larger_rows(train),
+            "larger_eval.jsonl": larger_rows(held)}
+
+
 def write_all(out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,6 +91,7 @@ def write_all(out_dir: str | Path) -> list[Path]:
         "sft_train.jsonl": sft_rows(256, 1), "sft_eval.jsonl": sft_rows(32, 2),
         "prefs_train.jsonl": preference_rows(256, 3), "prefs_eval.jsonl": preference_rows(64, 4),
         "feedback_train.jsonl": feedback_rows(256, 5), "feedback_eval.jsonl": feedback_rows(64, 6),
+        **larger_splits(),
     }
     paths = []
     for name, rows in files.items():

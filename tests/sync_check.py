@@ -36,8 +36,8 @@ def assert_sync_exact(policy, rollout, backend: str) -> None:
     for got in engine_logprobs():
         assert torch.allclose(got, trainer_before, atol=1e-4), (got - trainer_before).abs().max()
     exp.old_logprobs = trainer_before
-    policy.shard(PolicyActor.update, exp, objective="ppo", epochs=1, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None,
-                 entropy_coef=0.0).get()
+    policy.shard(PolicyActor.update, exp, objective="ppo", epochs=1, clip_eps_low=0.2, clip_eps_high=0.2,
+                 policy_loss="vanilla", policy_loss_params={}, loss_agg_mode="token_mean", entropy_coef=0.0).get()
     sync_weights(policy, rollout, backend, version=1)
     trainer_after = policy.shard(PolicyActor.logprobs, exp).cat()
     assert (trainer_after - trainer_before).abs().max() > 1e-2  # the update changed the policy

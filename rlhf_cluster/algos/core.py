@@ -1,5 +1,5 @@
-"""Masked reductions, log-prob/entropy helpers, per-token KL estimators and
-token-level reward shaping.
+"""Masked reductions, log-prob/entropy helpers, per-token KL estimators,
+token-level reward shaping, and the empty parameter set of a loss without parameters.
 
 Notation: B = batch (rows), T = response length (tokens), V = vocabulary size.
 A ``mask`` is a float or bool tensor broadcastable to ``x`` with 1 = real token.
@@ -8,9 +8,15 @@ A ``mask`` is a float or bool tensor broadcastable to ``x`` with 1 = real token.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """The parameters of a registered loss that has none of its own (the registries' default ``params``)."""
 
 
 # --------------------------------------------------------------------------- #

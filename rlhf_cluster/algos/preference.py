@@ -6,14 +6,15 @@ Sequence-level inputs: ``*_logps`` are SUMMED log-probs of the response tokens, 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import masked_mean
+from .core import NoParams, masked_mean
 
 
 def bradley_terry_loss(
@@ -34,10 +35,12 @@ def bradley_terry_loss(
 
 
 # --------------------------------------------------------------------------- #
-# Pairwise preference losses: uniform keyword signature
+# Pairwise preference losses: common keyword inputs plus the loss's own parameters
 #   fn(*, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths,
-#      ref_chosen_logps, ref_rejected_logps, beta, label_smoothing, simpo_gamma)
+#      ref_chosen_logps, ref_rejected_logps, beta, **params)
 #   -> (losses (B,), chosen_rewards (B,), rejected_rewards (B,))
+# ``params`` are the fields of the frozen dataclass the loss registers with (its
+# __post_init__ checks their ranges; the config fills them from preference.loss_params).
 # Per-example losses (caller averages); implicit rewards are detached.
 # --------------------------------------------------------------------------- #
 PreferenceFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
@@ -45,23 +48,32 @@ PreferenceFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 @dataclass(frozen=True)
 class PreferenceLoss:
-    """A registered pairwise loss; needs_reference: requires ref_* log-probs from π_ref."""
+    """A registered pairwise loss; needs_reference: requires ref_* log-probs from π_ref;
+    params: frozen dataclass of the loss's own parameters (keyword arguments of fn)."""
 
     name: str
     fn: PreferenceFn
     needs_reference: bool
+    params: type = NoParams
 
 
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {}
 
 
-def register_preference_loss(name: str, *, needs_reference: bool):
-    """Decorator registering ``fn`` in PREFERENCE_LOSSES under ``name`` (duplicates raise ValueError)."""
+def register_preference_loss(name: str, *, needs_reference: bool, params: type = NoParams):
+    """Decorator registering ``fn`` in PREFERENCE_LOSSES under ``name``.
+
+    ``params``: a frozen dataclass whose fields ``fn`` takes as keyword arguments. A duplicate
+    name, or a field ``fn`` does not accept, raises ValueError.
+    """
 
     def deco(fn: PreferenceFn) -> PreferenceFn:
         if name in PREFERENCE_LOSSES:
             raise ValueError(f"preference loss {name!r} already registered")
-        PREFERENCE_LOSSES[name] = PreferenceLoss(name, fn, needs_reference)
+        missing = [f.name for f in fields(params) if f.name not in inspect.signature(fn).parameters]
+        if missing:
+            raise ValueError(f"preference loss {name!r}: {fn.__name__} does not take its params {missing}")
+        PREFERENCE_LOSSES[name] = PreferenceLoss(name, fn, needs_reference, params)
         return fn
 
     return deco
@@ -81,16 +93,38 @@ def _log_ratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_log
     return chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
 
 
-@register_preference_loss("cdpo", needs_reference=True)
 @register_preference_loss("dpo", needs_reference=True)
-def dpo_loss(*, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths,
-             ref_chosen_logps, ref_rejected_logps, beta, label_smoothing, simpo_gamma):
-    """DPO (Rafailov et al. 2023, eq. 7) with conservative label smoothing ε (cDPO, Mitchell 2023).
+def dpo_loss(*, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, ref_chosen_logps, ref_rejected_logps, beta):
+    """DPO (Rafailov et al. 2023, eq. 7).
 
     chosen/rejected_logps log π(y_w|x), log π(y_l|x): (B,); ref_*: log π_ref, (B,);
-    beta β; label_smoothing ε (0 = plain DPO). Lengths and simpo_gamma are ignored.
-    h = (log π_c - log π_ref_c) - (log π_r - log π_ref_r);
-    loss = -(1-ε) log σ(βh) - ε log σ(-βh), (B,). Rewards β·(log π - log π_ref), (B,).
+    beta β. Lengths are ignored.
+    h = (log π_c - log π_ref_c) - (log π_r - log π_ref_r); loss = -log σ(βh), (B,).
+    Rewards β·(log π - log π_ref), (B,).
+    """
+    c, r = _log_ratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    losses = -F.logsigmoid(beta * (c - r))
+    return losses, (beta * c).detach(), (beta * r).detach()
+
+
+@dataclass(frozen=True)
+class CDPOParams:
+    """label_smoothing ε: the assumed fraction of flipped labels, 0 < ε < 0.5 (0 is plain dpo)."""
+
+    label_smoothing: float
+
+    def __post_init__(self):
+        if not 0 < self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be > 0 and < 0.5 (0 is plain dpo), got {self.label_smoothing}")
+
+
+@register_preference_loss("cdpo", needs_reference=True, params=CDPOParams)
+def cdpo_loss(*, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, ref_chosen_logps, ref_rejected_logps, beta,
+              label_smoothing):
+    """Conservative DPO (Mitchell 2023): DPO with label smoothing ε.
+
+    Inputs (B,) as in DPO; label_smoothing ε. h as in DPO;
+    loss = -(1-ε) log σ(βh) - ε log σ(-βh), (B,). Rewards as in DPO.
     """
     c, r = _log_ratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     h = c - r
@@ -99,8 +133,7 @@ def dpo_loss(*, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths,
 
 
 @register_preference_loss("ipo", needs_reference=True)
-def ipo_loss(*, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths,
-             ref_chosen_logps, ref_rejected_logps, beta, label_smoothing, simpo_gamma):
+def ipo_loss(*, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, ref_chosen_logps, ref_rejected_logps, beta):
     """IPO (Azar et al. 2023, eq. 17) on length-averaged log-ratios (as clarified by the authors).
 
     Inputs (B,) as in DPO plus chosen/rejected_lengths |y|: (B,); beta β (IPO's τ).
@@ -114,8 +147,7 @@ def ipo_loss(*, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths,
 
 
 @register_preference_loss("hinge", needs_reference=True)
-def hinge_loss(*, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths,
-               ref_chosen_logps, ref_rejected_logps, beta, label_smoothing, simpo_gamma):
+def hinge_loss(*, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, ref_chosen_logps, ref_rejected_logps, beta):
     """SLiC hinge loss (Zhao et al. 2023, eq. 3 with reference log-ratios as in DPO).
 
     Inputs (B,) as in DPO; h as in DPO; loss = relu(1 - βh), (B,). Rewards as in DPO.
@@ -125,23 +157,33 @@ def hinge_loss(*, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths
     return losses, (beta * c).detach(), (beta * r).detach()
 
 
-@register_preference_loss("simpo", needs_reference=False)
-def simpo_loss(*, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths,
-               ref_chosen_logps, ref_rejected_logps, beta, label_smoothing, simpo_gamma):
+@dataclass(frozen=True)
+class SimPOParams:
+    """gamma γ: the target reward margin, >= 0."""
+
+    gamma: float = 0.5
+
+    def __post_init__(self):
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+
+
+@register_preference_loss("simpo", needs_reference=False, params=SimPOParams)
+def simpo_loss(*, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, ref_chosen_logps, ref_rejected_logps, beta,
+               gamma):
     """SimPO (Meng et al. 2024, eq. 6), reference-free.
 
-    chosen/rejected_logps: (B,); chosen/rejected_lengths |y|: (B,); beta β; simpo_gamma γ.
+    chosen/rejected_logps: (B,); chosen/rejected_lengths |y|: (B,); beta β; gamma γ.
     loss = -log σ(β·log π_c/|y_c| - β·log π_r/|y_r| - γ), (B,). Rewards β·log π/|y|, (B,).
     """
     c = beta * chosen_logps / chosen_lengths
     r = beta * rejected_logps / rejected_lengths
-    losses = -F.logsigmoid(c - r - simpo_gamma)
+    losses = -F.logsigmoid(c - r - gamma)
     return losses, c.detach(), r.detach()
 
 
 @register_preference_loss("orpo", needs_reference=False)
-def orpo_loss(*, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths,
-              ref_chosen_logps, ref_rejected_logps, beta, label_smoothing, simpo_gamma):
+def orpo_loss(*, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, ref_chosen_logps, ref_rejected_logps, beta):
     """ORPO (Hong et al. 2024, eqs. 4-7), reference-free; beta plays ORPO's λ.
 
     chosen/rejected_logps: (B,); chosen/rejected_lengths: (B,).

@@ -18,6 +18,8 @@ import torch
 
 from rlhf_cluster.cluster.specs import EngineSpec, RewardSpec, ScorerSpec, TrainerSpec
 from rlhf_cluster.experience import Experience
+from rlhf_cluster.logs import quiet_libraries
+from rlhf_cluster.workers.reward_sources import RewardInputs
 
 
 class _Shell:
@@ -30,6 +32,7 @@ class _Shell:
         if role is not None:
             self.role = role
         self._spans: list[tuple[str, float, float]] = []
+        quiet_libraries()
         # Ray sets OMP_NUM_THREADS from the actor's CPU share; torch should follow it.
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads > 0 and not torch.cuda.is_available():
@@ -169,18 +172,14 @@ class RewardActor(_Shell):
     role = "reward"
 
     def init(self, spec: RewardSpec) -> None:
-        from rlhf_cluster.workers.scorers import FunctionRewardScorer, RewardModelScorer
+        from rlhf_cluster.workers.reward_sources import build_reward_source
 
         with self._span("init"):
-            if spec.function:
-                self.worker = FunctionRewardScorer(spec.function, spec.code_dir)
-            else:
-                m = spec.model
-                self.worker = RewardModelScorer(m.model_path, micro_batch_size=m.micro_batch_size, dtype=m.dtype)
+            self.worker = build_reward_source(spec)
 
-    def score(self, exp: Experience, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def score(self, inputs: RewardInputs) -> torch.Tensor:
         with self._span("reward"):
-            return self.worker.score(exp, prompts, responses)
+            return self.worker.score(inputs)
 
 
 class RolloutActor(_Shell):

@@ -19,13 +19,14 @@ class ConnectError(RuntimeError):
     """The cluster cannot be reached or refused us; the message says why and what to do."""
 
 
-# Models load from local directories only (no hub at run time); keep library chatter down.
-ACTOR_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "VLLM_LOGGING_LEVEL": "WARNING",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+def actor_env() -> dict[str, str]:
+    """Every actor's environment: models load from local directories only (no hub at run time), and the
+    libraries' log defaults of :mod:`rlhf_cluster.logs` — a value set here, on the driver, wins."""
+    from rlhf_cluster.logs import DEFAULTS
+
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **{k: "1" if k == "TQDM_DISABLE" else v
+                                                                          for k, v in DEFAULTS.items()}}
+    return {k: os.environ.get(k, v) for k, v in env.items()}
 
 TOKEN_FIX = ("put the cluster's token in RAY_AUTH_TOKEN or in ~/.ray/auth_token (or point RAY_AUTH_TOKEN_PATH at "
              "a file holding it); `ray get-auth-token` on the head prints it")
@@ -214,12 +215,12 @@ def connect(address: str | None, *, num_cpus: int | None = None, timeout_s: floa
 
     if ray.is_initialized():
         return
-    runtime_env: dict = {"env_vars": ACTOR_ENV}
+    runtime_env: dict = {"env_vars": actor_env()}
     if working_dir and not _job_working_dir():
         runtime_env["working_dir"] = working_dir  # inside a submitted job, the job's own folder already travels
     addr = parse_address(address)
     if addr.kind == "local":
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, logging_level="WARNING")
         return
     use_token_if_available()
     if addr.kind == "dashboard":

@@ -51,12 +51,12 @@ def role_layout(cfg) -> dict[str, RoleSpec]:
         if cfg.needs_reference:
             specs["reference"] = RoleSpec("reference", cfg.reference.num_nodes, cfg.reference.num_gpus_per_node)
         specs["reward"] = RoleSpec("reward", cfg.reward.num_nodes, cfg.reward.num_gpus_per_node,
-                                   gpus_per_actor=0.0 if cfg.reward.function else 1.0)
+                                   gpus_per_actor=1.0 if cfg.reward.kind == "model" else 0.0)
         r = cfg.rollout
         specs["rollout"] = RoleSpec("rollout", 1, r.num_engines, gpus_per_actor=float(r.tensor_parallel_size))
         if c.colocate_policy_reference and "reference" in specs:
             _colocate(specs, guest="reference", host="policy")
-        if c.colocate_critic_reward and "critic" in specs and not cfg.reward.function:
+        if c.colocate_critic_reward and "critic" in specs and cfg.reward.kind == "model":
             _colocate(specs, guest="reward", host="critic")
     else:
         name = "reward_model" if cfg.method == "rm" else "policy"

@@ -43,11 +43,23 @@ class ScorerSpec:
 
 @dataclass(frozen=True)
 class RewardSpec:
-    """The reward source: a scalar-head model, or a Python function ``module:function``."""
+    """The reward source (:mod:`rlhf_cluster.workers.reward_sources`): a scalar-head model, a Python
+    function ``module:function``, or an HTTP reward server."""
 
+    kind: str  # model | function | http
     model: ScorerSpec | None = None
     function: str | None = None
     code_dir: str | None = None  # where a user's reward module lives when it is not installed
+    url: str | None = None
+    timeout_s: float = 30.0
+    max_retries: int = 3
+    batch_size: int = 64  # rows per HTTP request
+    api_key_env: str | None = None
+
+    @property
+    def needs_text(self) -> bool:
+        """Whether the source reads text (and dataset fields) rather than token ids."""
+        return self.kind != "model"
 
 
 @dataclass(frozen=True)
@@ -86,9 +98,12 @@ def scorer_spec(s) -> ScorerSpec:
 
 
 def reward_spec(r) -> RewardSpec:
-    if r.function:
-        return RewardSpec(function=r.function, code_dir=r.code_dir)
-    return RewardSpec(model=scorer_spec(r))
+    if r.kind == "function":
+        return RewardSpec("function", function=r.function, code_dir=r.code_dir)
+    if r.kind == "http":
+        return RewardSpec("http", url=r.url, timeout_s=r.timeout_s, max_retries=r.max_retries,
+                          batch_size=r.request_batch_size, api_key_env=r.api_key_env)
+    return RewardSpec("model", model=scorer_spec(r))
 
 
 def engine_spec(cfg, index: int, weight_transfer: str | None) -> EngineSpec:

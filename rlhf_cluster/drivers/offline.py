@@ -37,6 +37,7 @@ from rlhf_cluster.data import (
 )
 from rlhf_cluster.drivers.common import EpochSampler, MetricsSink, plot_curve, read_metrics
 from rlhf_cluster.experience import Experience, FeedbackBatch, PairBatch, build_experience
+from rlhf_cluster.logs import Progress
 from rlhf_cluster.models import load_tokenizer
 
 # ----------------------------------------------------------------------------- collation
@@ -144,7 +145,7 @@ class OfflineRun:
         p = cfg.preference
         self.hparams = {
             "sft": {}, "bradley_terry": {},
-            "pairwise": dict(loss=p.loss, beta=p.beta, label_smoothing=p.label_smoothing, simpo_gamma=p.simpo_gamma),
+            "pairwise": dict(loss=p.loss, beta=p.beta, loss_params=p.loss_params),
             "kto": dict(beta=p.beta, desirable_weight=p.kto_desirable_weight, undesirable_weight=p.kto_undesirable_weight),
         }[stage.objective]
         self.batch = cfg.algorithm.mini_batch_size
@@ -227,16 +228,13 @@ class OfflineRun:
             sink.log(0, before)
             summary["eval_before"] = {k: before[f"eval/{k}"] for k in self.stage.headline if f"eval/{k}" in before}
             self.log("step 0: held-out " + "  ".join(f"{k} {v:+.4f}" for k, v in summary["eval_before"].items()))
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps, desc=self.stage.objective, dynamic_ncols=True, mininterval=0)
+            bar = Progress(steps, 0, self.stage.objective, self.log)
             for step in range(1, steps + 1):
                 m = self.train_step()
                 if step % steps_per_epoch == 0 or step == steps:
                     m.update(self.evaluate())
                 sink.log(step, m)
-                bar.set_postfix(loss=f"{m['train/loss']:.4f}")
-                bar.update(1)
+                bar.update(loss=f"{m['train/loss']:.4f}")
             bar.close()
             after = read_metrics(sink.path)[-1]
             summary["eval_after"] = {k: after[f"eval/{k}"] for k in self.stage.headline if f"eval/{k}" in after}

@@ -57,11 +57,12 @@ class OnlineDPOStep:
     def __call__(self, run: RLRun, prompts: list, seed: int) -> dict:
         p, R = self.p, run.roles
         t = time.perf_counter()
-        exp, prompt_texts, responses, gen_stats = run.generate(prompts, self.k, seed)
+        rollout = run.generate(prompts, self.k, seed)
+        exp = rollout.exp
         t_gen = time.perf_counter() - t
 
         t = time.perf_counter()
-        scores = run.rewards(exp, prompt_texts, responses).cat()
+        scores = run.rewards(rollout).cat()
         pairs, pair_stats = make_pairs(exp, scores, self.k, self.mini)
         if pairs is not None and R.reference is not None:
             pairs.ref_logps = R.reference.shard(ReferenceActor.sequence_logps, pairs.seqs, what="reference log-probs").cat()
@@ -71,7 +72,7 @@ class OnlineDPOStep:
         upd: dict = {}
         if pairs is not None:
             stats = R.policy.shard(PolicyActor.update, pairs, objective="pairwise", epochs=p.steps_per_iteration, loss=p.loss,
-                                   beta=p.beta, label_smoothing=p.label_smoothing, simpo_gamma=p.simpo_gamma,
+                                   beta=p.beta, loss_params=p.loss_params,
                                    what="policy update").get()
             upd = {**mean_stats(stats, "actor/"), "tps/train_policy": train_tokens_per_second(stats)}
         t_train = time.perf_counter() - t
@@ -85,7 +86,7 @@ class OnlineDPOStep:
             "reward/mean": scores.mean().item(), "reward/std": scores.std().item(), **pair_stats, **upd,
             "response/length_mean": exp.action_mask.sum(-1).mean().item(),
             "time/generation": t_gen, "time/scoring": t_score, "time/training": t_train, "time/sync": t_sync,
-            "tps/generation": gen_stats["gen_tokens"] / max(t_gen, 1e-9),
+            "tps/generation": rollout.gen_tokens / max(t_gen, 1e-9),
         }
 
 

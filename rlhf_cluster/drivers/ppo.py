@@ -18,7 +18,7 @@ from rlhf_cluster.cluster.actors import CriticActor, PolicyActor, ReferenceActor
 from rlhf_cluster.cluster.groups import mean_stats, train_tokens_per_second
 from rlhf_cluster.config import RunConfig
 from rlhf_cluster.drivers.rl import RLRun, run_rl
-from rlhf_cluster.experience import Experience
+from rlhf_cluster.experience import Experience, Rollout
 
 
 class PPOStep:
@@ -40,19 +40,29 @@ class PPOStep:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
 
     # ------------------------------------------------------------------ phases
-    def score(self, run: RLRun, exp: Experience, prompts: list[str], responses: list[str]) -> Experience:
-        """Reward, reference log-probs, old log-probs and values, all four concurrently."""
-        R = run.roles
-        ref = R.reference.shard(ReferenceActor.logprobs, exp, what="reference log-probs")
-        rew = run.rewards(exp, prompts, responses)
-        old = R.policy.shard(PolicyActor.logprobs, exp, what="old log-probs")
-        val = R.critic.shard(CriticActor.values, exp, what="values") if R.critic else None
+    def score(self, run: RLRun, rollout: Rollout) -> Experience:
+        """Reward, reference log-probs, old log-probs and values, all four concurrently; each role gets
+        only the token ids (or, for a text reward, only the text)."""
+        R, exp = run.roles, rollout.exp
+        seqs = exp.only()
+        ref = R.reference.shard(ReferenceActor.logprobs, seqs, what="reference log-probs")
+        rew = run.rewards(rollout)
+        old = R.policy.shard(PolicyActor.logprobs, seqs, what="old log-probs")
+        val = R.critic.shard(CriticActor.values, seqs, what="values") if R.critic else None
         exp.ref_logprobs = ref.cat()
         exp.scores = rew.cat()
         exp.old_logprobs = old.cat()
         if val is not None:
             exp.values = val.cat() * exp.action_mask
         return exp
+
+    @staticmethod
+    def logprob_mismatch(exp: Experience) -> dict:
+        """|log π_trainer − log π_engine| on the sampled tokens: the policy that trains and the engine that
+        sampled must agree (up to numerics) once weights are synced; a jump means a broken sync or sampler."""
+        diff = (exp.old_logprobs - exp.rollout_logprobs).abs() * exp.action_mask
+        return {"rollout/logprob_mismatch": (diff.sum() / exp.action_mask.sum().clamp(min=1)).item(),
+                "rollout/logprob_mismatch_max": diff.max().item()}
 
     def advantages(self, exp: Experience) -> dict:
         """Per-token rewards with the KL penalty, then the configured estimator (GAE by default)."""
@@ -73,11 +83,12 @@ class PPOStep:
     def update(self, run: RLRun, exp: Experience) -> dict:
         """Policy and critic updates, concurrently, each rank on its contiguous shard."""
         a, R = self.a, run.roles
-        p = R.policy.shard(PolicyActor.update, exp, objective="ppo", epochs=a.ppo_epochs, clip_eps_low=a.clip_eps_low,
-                           clip_eps_high=a.clip_eps_high, dual_clip=a.dual_clip, entropy_coef=a.entropy_coef,
-                           what="policy update")
-        c = R.critic.shard(CriticActor.update, exp, objective="value", epochs=a.ppo_epochs, value_clip=a.value_clip,
-                           what="critic update") if R.critic else None
+        p = R.policy.shard(PolicyActor.update, exp.only("old_logprobs", "advantages"), objective="ppo",
+                           epochs=a.ppo_epochs, clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high,
+                           policy_loss=a.policy_loss, policy_loss_params=a.policy_loss_params, loss_agg_mode=a.loss_agg_mode,
+                           entropy_coef=a.entropy_coef, what="policy update")
+        c = R.critic.shard(CriticActor.update, exp.only("values", "returns"), objective="value", epochs=a.ppo_epochs,
+                           value_clip=a.value_clip, what="critic update") if R.critic else None
         p_stats = p.get()
         out = {**mean_stats(p_stats, "actor/"), "tps/train_policy": train_tokens_per_second(p_stats)}
         if c is not None:
@@ -88,11 +99,11 @@ class PPOStep:
     # ------------------------------------------------------------------ one step
     def __call__(self, run: RLRun, prompts: list, seed: int) -> dict:
         t = time.perf_counter()
-        exp, prompt_texts, responses, gen_stats = run.generate(prompts, self.n, seed)
+        rollout = run.generate(prompts, self.n, seed)
         t_gen = time.perf_counter() - t
 
         t = time.perf_counter()
-        exp = self.score(run, exp, prompt_texts, responses)
+        exp = self.score(run, rollout)
         t_score = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -111,17 +122,18 @@ class PPOStep:
             "reward/mean": exp.scores.mean().item(),
             "reward/std": exp.scores.std().item() if exp.batch_size > 1 else 0.0,
             **adv_stats,
+            **self.logprob_mismatch(exp),
             **upd_stats,
             "response/length_mean": exp.action_mask.sum(-1).mean().item(),
-            "response/truncated_frac": gen_stats["truncated_frac"],
+            "response/truncated_frac": rollout.truncated_frac,
             "time/generation": t_gen,
             "time/scoring": t_score,
             "time/advantages": t_adv,
             "time/training": t_train,
             "time/sync": t_sync,
-            "tps/generation": gen_stats["gen_tokens"] / max(t_gen, 1e-9),
+            "tps/generation": rollout.gen_tokens / max(t_gen, 1e-9),
             "tps/scoring": int(exp.attention_mask.sum()) / max(t_score, 1e-9),
-            "tokens/generated": gen_stats["gen_tokens"],
+            "tokens/generated": rollout.gen_tokens,
         }
 
 

@@ -16,7 +16,7 @@ from rlhf_cluster.cluster.actors import PolicyActor, RewardActor, RolloutActor, 
 from rlhf_cluster.cluster.groups import split_rows
 from rlhf_cluster.cluster.roles import Roles, open_roles
 from rlhf_cluster.cluster.weight_sync import sync_weights
-from rlhf_cluster.config import RunConfig, preflight
+from rlhf_cluster.config import ConfigError, RunConfig, preflight, resolve_function
 from rlhf_cluster.data import build_prompt_examples, load_rows
 from rlhf_cluster.drivers.common import (
     EpochSampler,
@@ -30,8 +30,10 @@ from rlhf_cluster.drivers.common import (
     rng_state,
     set_rng_state,
 )
-from rlhf_cluster.experience import Experience, build_experience
+from rlhf_cluster.experience import Rollout, build_experience
+from rlhf_cluster.logs import Progress
 from rlhf_cluster.models import load_tokenizer
+from rlhf_cluster.workers.reward_sources import RewardInputs, required_fields
 
 
 class Step(Protocol):
@@ -58,29 +60,42 @@ class RLRun:
         self.out = Path(cfg.output_dir)
         self.step = 0
         self.weights_version = 0
+        self.reward_needs_text = cfg.reward.kind != "model"
 
     # ------------------------------------------------------------------ phases
-    def generate(self, prompts: list, n: int, seed: int) -> tuple[Experience, list[str], list[str], dict]:
+    def generate(self, prompts: list, n: int, seed: int) -> Rollout:
         """``n`` samples per prompt, prompts spread over the engines (samples of one prompt stay adjacent).
 
-        Returns the batch, each row's prompt text and decoded response, and generation stats.
+        Every engine must have sampled with the current policy version: a stale engine means a
+        weight sync did not reach it, and training on its samples would be silently off-policy.
         """
         engines = self.roles.rollout
         parts = split_rows(len(prompts), len(engines))
         results = engines.each(RolloutActor.generate, [([p.prompt_ids for p in prompts[s]], seed + s.start) for s in parts],
                                n=n, **self.sampling, what="generate").get()
+        for rank, (_, stats) in enumerate(results):
+            if stats["weights_version"] != self.weights_version:
+                raise RuntimeError(f"rollout engine {rank} sampled with policy weights version {stats['weights_version']}, "
+                                   f"but the policy is at version {self.weights_version}: a weight sync did not reach it")
         samples = [x for part, _ in results for x in part]
         exp = build_experience([s.prompt_ids for s in samples], [s.response_ids for s in samples],
                                self.tokenizer.pad_token_id, [s.logprobs for s in samples])
-        texts = [p.prompt_text for p in prompts for _ in range(n)]
-        responses = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
-        stats = {"gen_tokens": sum(s["gen_tokens"] for _, s in results),
-                 "truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples)}
-        return exp, texts, responses, stats
+        return Rollout(exp, prompts=[p.prompt_text for p in prompts for _ in range(n)],
+                       responses=self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True),
+                       extras=[p.extra for p in prompts for _ in range(n)], weights_version=self.weights_version,
+                       gen_tokens=sum(s["gen_tokens"] for _, s in results),
+                       truncated_frac=sum(s.finish_reason == "length" for s in samples) / len(samples))
 
-    def rewards(self, exp: Experience, prompts: list[str], responses: list[str], what: str = "reward"):
-        """r(x, y) for every row, the rows spread over the reward replicas (a Pending: ``.cat()`` gives (B,))."""
-        return self.roles.reward.shard(RewardActor.score, exp, prompts, responses, what=what)
+    def rewards(self, rollout: Rollout, what: str = "reward"):
+        """r(x, y) for every row, the rows spread over the reward replicas (a Pending: ``.cat()`` gives (B,)).
+
+        A reward model is sent the token ids only; a function or server the text and each row's dataset fields.
+        """
+        if self.reward_needs_text:
+            inputs = RewardInputs(prompts=rollout.prompts, responses=rollout.responses, extras=rollout.extras)
+        else:
+            inputs = RewardInputs(exp=rollout.exp.only())
+        return self.roles.reward.shard(RewardActor.score, inputs, what=what)
 
     def sync_weights(self) -> None:
         """The new policy weights into every engine before the next rollout."""
@@ -89,10 +104,10 @@ class RLRun:
 
     def evaluate(self) -> dict:
         """Mean reward of one sample per held-out prompt, with the training sampling settings."""
-        exp, prompt_texts, responses, _ = self.generate(self.eval_prompts, 1, seed=12345)
-        scores = self.rewards(exp, prompt_texts, responses, what="eval reward").cat()
-        return {"eval/reward_mean": scores.mean().item(), "eval/response_length": exp.action_mask.sum(-1).mean().item(),
-                "eval/sample": responses[0][:200]}
+        rollout = self.generate(self.eval_prompts, 1, seed=12345)
+        scores = self.rewards(rollout, what="eval reward").cat()
+        return {"eval/reward_mean": scores.mean().item(), "eval/response_length": rollout.exp.action_mask.sum(-1).mean().item(),
+                "eval/sample": rollout.responses[0][:200]}
 
     # ------------------------------------------------------------------ checkpoints
     def _trained(self):
@@ -152,9 +167,7 @@ class RLRun:
                 summary["eval_before"] = ev["eval/reward_mean"]
                 sink.log(0, {k: v for k, v in ev.items() if not isinstance(v, str)})
                 self.log(f"step 0: held-out reward {ev['eval/reward_mean']:+.4f}   sample: {ev['eval/sample']!r}")
-            from tqdm import tqdm
-
-            bar = tqdm(total=s.num_steps, initial=self.step, desc=cfg.method, dynamic_ncols=True, mininterval=0)
+            bar = Progress(s.num_steps, self.step, cfg.method, self.log)
             while self.step < s.num_steps:
                 m = self.train_step()
                 if (s.eval_every and self.step % s.eval_every == 0) or self.step == s.num_steps:
@@ -163,8 +176,7 @@ class RLRun:
                     summary["eval_after"] = ev["eval/reward_mean"]
                     summary["sample_after"] = ev["eval/sample"]
                 sink.log(self.step, m)
-                bar.set_postfix(reward=f"{m['reward/mean']:+.3f}", gen_tps=f"{m['tps/generation']:.0f}")
-                bar.update(1)
+                bar.update(reward=f"{m['reward/mean']:+.3f}", gen_tps=f"{m['tps/generation']:.0f}")
                 if (s.save_every and self.step % s.save_every == 0) or self.step == s.num_steps:
                     self.save_checkpoint()
             bar.close()
@@ -185,12 +197,30 @@ def load_prompts(cfg: RunConfig, tokenizer, log=print) -> tuple[list, list]:
                 max_prompt_length=d.max_prompt_length, truncation=d.truncation)
     train, rep = build_prompt_examples(load_rows(d.train_path), tokenizer, source=d.train_path, **opts)
     log(rep.summary())
+    check_reward_fields(cfg, train, d.train_path)
     if d.eval_path:
         held, rep = build_prompt_examples(load_rows(d.eval_path), tokenizer, source=d.eval_path, **opts)
         log(rep.summary())
+        check_reward_fields(cfg, held, d.eval_path)
     else:
         held = train
+        log(f"warning: data.eval_path is not set, so the held-out reward is measured on the first "
+            f"{min(len(train), cfg.schedule.eval_prompts)} training prompts; set data.eval_path to a held-out file")
     return train, held[: cfg.schedule.eval_prompts]
+
+
+def check_reward_fields(cfg: RunConfig, examples: list, source: str) -> None:
+    """Every dataset field the reward function asks for by name (a required parameter) is in every row."""
+    if cfg.reward.kind != "function":
+        return
+    needed = required_fields(resolve_function(cfg.reward.function, cfg.reward.code_dir))
+    for ex in examples:
+        missing = [n for n in needed if n not in ex.extra]
+        if missing:
+            raise ConfigError(
+                f"reward.function={cfg.reward.function!r} takes the dataset field(s) {', '.join(map(repr, missing))}, "
+                f"but row {ex.row} of {source} has none (its fields besides the prompt: "
+                f"{', '.join(map(repr, ex.extra)) or 'none'}); add the field to every row, or give the parameter a default")
 
 
 def run_rl(cfg: RunConfig, step: Step, resume: bool = False, log=print) -> dict:

@@ -9,6 +9,7 @@ stats are detached 0-d tensors averaged over micro-batches by the caller.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 
@@ -44,9 +45,12 @@ def sequence_logps(model, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @register_objective("ppo")
-def ppo_objective(model, m: Experience, *, clip_eps_low, clip_eps_high, dual_clip, entropy_coef):
+def ppo_objective(model, m: Experience, *, policy_loss, policy_loss_params, loss_agg_mode, clip_eps_low, clip_eps_high,
+                  entropy_coef):
+    """A registered policy loss (algos.ppo.POLICY_LOSSES) aggregated by ``loss_agg_mode``, minus the entropy bonus."""
     logp, ent = action_logprobs_and_entropy(model, m.input_ids, m.attention_mask, m.num_actions, with_entropy=True)
-    pg_loss, stats = ppo_policy_loss(logp, m.old_logprobs, m.advantages, m.action_mask, clip_eps_low, clip_eps_high, dual_clip)
+    pg_loss, stats = ppo_policy_loss(logp, m.old_logprobs, m.advantages, m.action_mask, clip_eps_low, clip_eps_high,
+                                     policy_loss=policy_loss, policy_loss_params=policy_loss_params, loss_agg_mode=loss_agg_mode)
     entropy = masked_mean(ent, m.action_mask)
     return pg_loss - entropy_coef * entropy, {"pg_loss": pg_loss.detach(), "entropy": entropy.detach(), **stats}
 
@@ -72,9 +76,11 @@ def _pair_stats(chosen_rewards, rejected_rewards) -> dict:
 
 
 @register_objective("pairwise")
-def pairwise_objective(model, m: PairBatch, *, loss, beta, label_smoothing=0.0, simpo_gamma=0.0):
-    """The DPO family (dpo, cdpo, ipo, hinge, simpo, orpo) on interleaved chosen/rejected rows."""
+def pairwise_objective(model, m: PairBatch, *, loss, beta, loss_params):
+    """A registered pairwise loss (algos.preference.PREFERENCE_LOSSES) on interleaved chosen/rejected rows;
+    ``loss_params``: its params' fields (missing ones take their defaults)."""
     spec = get_preference_loss(loss)
+    params = asdict(spec.params(**loss_params))
     logps, lengths = sequence_logps(model, m.seqs)
     ref = m.ref_logps
     if spec.needs_reference and ref is None:
@@ -82,7 +88,7 @@ def pairwise_objective(model, m: PairBatch, *, loss, beta, label_smoothing=0.0, 
     losses, cr, rr = spec.fn(
         chosen_logps=logps[0::2], rejected_logps=logps[1::2], chosen_lengths=lengths[0::2], rejected_lengths=lengths[1::2],
         ref_chosen_logps=None if ref is None else ref[0::2], ref_rejected_logps=None if ref is None else ref[1::2],
-        beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)
+        beta=beta, **params)
     return losses.mean(), _pair_stats(cr, rr)
 
 

@@ -46,7 +46,7 @@ class RolloutEngine:
         vllm_dtype = {"auto": "bfloat16" if on_gpu else "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
         self.llm = LLM(model=model_path, dtype=vllm_dtype, seed=seed, max_model_len=max_model_len,
                        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                       enforce_eager=enforce_eager, enable_prefix_caching=False,
+                       enforce_eager=enforce_eager, enable_prefix_caching=False, use_tqdm_on_load=False,
                        weight_transfer_config={"backend": weight_transfer} if weight_transfer else None)
         self.weights_version = 0
 
@@ -73,7 +73,7 @@ class RolloutEngine:
                 lps = [d[t].logprob for t, d in zip(ids, c.logprobs)]
                 samples.append(Sample(list(p), ids, lps, c.finish_reason or "length"))
         tokens = sum(len(s.response_ids) for s in samples)
-        return samples, {"gen_tokens": tokens, "gen_seconds": seconds}
+        return samples, {"gen_tokens": tokens, "gen_seconds": seconds, "weights_version": self.weights_version}
 
     @torch.no_grad()
     def sequence_logprobs(self, sequences: list[list[int]], num_actions: int) -> list[list[float]]:

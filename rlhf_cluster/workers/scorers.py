@@ -1,8 +1,6 @@
-"""Frozen scorers: the reference model's log-probs and the reward (model or function)."""
+"""Frozen scorers: the reference model's log-probs. Reward sources are in :mod:`rlhf_cluster.workers.reward_sources`."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
@@ -10,14 +8,14 @@ from rlhf_cluster.experience import Experience
 from rlhf_cluster.models import (
     action_logprobs_and_entropy,
     load_causal_lm,
-    load_scalar_model,
     pick_device,
     resolve_dtype,
-    sequence_scores,
 )
 
 
-class _FrozenModel:
+class FrozenModel:
+    """A model that only runs forward passes, in micro-batches, on this process's device."""
+
     def __init__(self, model, micro_batch_size: int):
         self.device = pick_device()
         self.model = model.to(self.device).eval().requires_grad_(False)
@@ -32,7 +30,7 @@ class _FrozenModel:
         self.model.load_state_dict(state)
 
 
-class ReferenceScorer(_FrozenModel):
+class ReferenceScorer(FrozenModel):
     """π_ref: per-token log-probs of the sampled responses."""
 
     def __init__(self, model_path: str, *, micro_batch_size: int = 8, dtype: str = "auto"):
@@ -47,34 +45,3 @@ class ReferenceScorer(_FrozenModel):
     def sequence_logps(self, exp: Experience) -> torch.Tensor:
         """Σ_t log π_ref(a_t|s_t) over each response: (B,) — what the DPO family compares against."""
         return (self.logprobs(exp) * exp.action_mask).sum(-1)
-
-
-class RewardModelScorer(_FrozenModel):
-    """r(x, y) from a scalar-head model, read at each sequence's last real token."""
-
-    def __init__(self, model_path: str, *, micro_batch_size: int = 8, dtype: str = "auto"):
-        super().__init__(load_scalar_model(model_path, resolve_dtype(dtype, pick_device())), micro_batch_size)
-
-    @torch.no_grad()
-    def score(self, exp: Experience, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        """(B,) rewards. ``prompts``/``responses`` are unused: the model reads token ids."""
-        return torch.cat([sequence_scores(self.model, m.input_ids, m.attention_mask).cpu() for m in self._micro_batches(exp)])
-
-
-class FunctionRewardScorer:
-    """r(x, y) from a user function ``fn(prompts: list[str], responses: list[str]) -> list[float]``."""
-
-    def __init__(self, spec: str, code_dir: str | None = None):
-        from rlhf_cluster.config import resolve_function
-
-        self.spec = spec
-        self.fn: Callable = resolve_function(spec, code_dir)
-
-    def score(self, exp: Experience, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        out = self.fn(prompts, responses)
-        scores = torch.as_tensor(list(out), dtype=torch.float32)
-        if scores.shape != (len(responses),):
-            raise ValueError(f"reward function {self.spec} returned {tuple(scores.shape)} values for {len(responses)} responses")
-        if not torch.isfinite(scores).all():
-            raise ValueError(f"reward function {self.spec} returned non-finite rewards: {scores.tolist()}")
-        return scores

@@ -70,10 +70,11 @@ def test_two_data_parallel_ranks_match_one(local_ray, tiny_model_dir, zero_stage
             old = group.shard(PolicyActor.logprobs, exp).cat()
             exp.old_logprobs = old + 0.05 * torch.randn(old.shape, generator=torch.Generator().manual_seed(2))  # ratios ≠ 1
             updates = [group.shard(PolicyActor.update, exp, objective="ppo", epochs=1, capture_grads=True, clip_eps_low=0.2,
-                                   clip_eps_high=0.2, dual_clip=None, entropy_coef=0.01).get()]
+                                   clip_eps_high=0.2, policy_loss="vanilla", policy_loss_params={},
+                                   loss_agg_mode="token_mean", entropy_coef=0.01).get()]
             if zero_stage == 2:
                 updates.append(group.shard(PolicyActor.update, pairs, objective="pairwise", epochs=1, capture_grads=True,
-                                           loss="dpo", beta=0.1).get())
+                                           loss="dpo", beta=0.1, loss_params={}).get())
             results[ranks] = [{**u[0], "loss": sum(s["loss"] for s in u) / ranks} for u in updates]
         finally:
             group.shutdown()

@@ -3,7 +3,17 @@ import math
 import pytest
 import torch
 
-from rlhf_cluster.algos.ppo import explained_variance, ppo_policy_loss, ppo_value_loss
+from rlhf_cluster.algos.core import masked_mean
+from rlhf_cluster.algos.ppo import (
+    LOSS_AGG_MODES,
+    POLICY_LOSSES,
+    DualClipParams,
+    explained_variance,
+    get_policy_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+    register_policy_loss,
+)
 
 
 def t(*rows):
@@ -33,21 +43,71 @@ def test_policy_loss_asymmetric_and_dual_clip_by_hand():
     # ratio 5, A=-1: standard = max(5, 1.2) = 5; dual clip c=3 -> min(5, 3) = 3
     loss, _ = ppo_policy_loss(t([math.log(5.0)]), t([0.0]), t([-1.0]), mask, 0.2, 0.2)
     assert loss.item() == pytest.approx(5.0)
-    loss, _ = ppo_policy_loss(t([math.log(5.0)]), t([0.0]), t([-1.0]), mask, 0.2, 0.2, dual_clip=3.0)
+    loss, _ = ppo_policy_loss(t([math.log(5.0)]), t([0.0]), t([-1.0]), mask, 0.2, 0.2, policy_loss="dual_clip",
+                              policy_loss_params={"c": 3.0})
     assert loss.item() == pytest.approx(3.0)
+    # the registry's default c is 3.0; c=4 -> min(5, 4) = 4
+    loss, _ = ppo_policy_loss(t([math.log(5.0)]), t([0.0]), t([-1.0]), mask, 0.2, 0.2, policy_loss="dual_clip")
+    assert loss.item() == pytest.approx(3.0)
+    loss, _ = ppo_policy_loss(t([math.log(5.0)]), t([0.0]), t([-1.0]), mask, 0.2, 0.2, policy_loss="dual_clip",
+                              policy_loss_params={"c": 4.0})
+    assert loss.item() == pytest.approx(4.0)
     # A > 0 is untouched by dual clip: ratio 5, A=1 -> max(-5, -1.2) = -1.2
-    loss, _ = ppo_policy_loss(t([math.log(5.0)]), t([0.0]), t([1.0]), mask, 0.2, 0.2, dual_clip=3.0)
+    loss, _ = ppo_policy_loss(t([math.log(5.0)]), t([0.0]), t([1.0]), mask, 0.2, 0.2, policy_loss="dual_clip")
     assert loss.item() == pytest.approx(-1.2)
 
 
 @pytest.mark.parametrize("c", [1.0, 0.5])
 def test_dual_clip_must_exceed_one(c):
-    with pytest.raises(ValueError):
-        ppo_policy_loss(t([0.0]), t([0.0]), t([1.0]), t([1.0]), 0.2, 0.2, dual_clip=c)
+    with pytest.raises(ValueError, match="c must be > 1"):
+        DualClipParams(c=c)
+    with pytest.raises(ValueError, match="c must be > 1"):
+        ppo_policy_loss(t([0.0]), t([0.0]), t([1.0]), t([1.0]), 0.2, 0.2, policy_loss="dual_clip", policy_loss_params={"c": c})
 
 
-@pytest.mark.parametrize("dual_clip", [None, 3.0])
-def test_policy_loss_vs_loop(dual_clip):
+def test_policy_loss_registry():
+    assert set(POLICY_LOSSES) >= {"vanilla", "dual_clip"}
+    assert get_policy_loss("dual_clip").params is DualClipParams and DualClipParams().c == 3.0
+    assert set(LOSS_AGG_MODES) == {"token_mean", "seq_mean_token_sum", "seq_mean_token_mean"}
+    with pytest.raises(ValueError, match="dual_clip.*vanilla"):
+        get_policy_loss("vanila")
+    with pytest.raises(ValueError, match="token_mean"):
+        ppo_policy_loss(t([0.0]), t([0.0]), t([1.0]), t([1.0]), 0.2, 0.2, loss_agg_mode="mean")
+    with pytest.raises(ValueError, match="already registered"):
+        register_policy_loss("vanilla")(lambda ratio, advantages, **k: None)
+    with pytest.raises(ValueError, match=r"does not take its params \['c'\]"):
+        register_policy_loss("test_no_c", params=DualClipParams)(lambda ratio, advantages, *, clip_eps_low, clip_eps_high: None)
+    with pytest.raises(TypeError):  # vanilla has no parameters
+        ppo_policy_loss(t([0.0]), t([0.0]), t([1.0]), t([1.0]), 0.2, 0.2, policy_loss_params={"c": 3.0})
+
+
+def test_default_path_is_the_pre_registry_formula_bit_for_bit():
+    """vanilla + token_mean: the same operations as before the registry, so recorded runs still reproduce."""
+    gen = torch.Generator().manual_seed(3)
+    logp = (-torch.rand(5, 7, generator=gen) * 2).requires_grad_(True)
+    old, adv = -torch.rand(5, 7, generator=gen) * 2, torch.randn(5, 7, generator=gen)
+    mask = (torch.rand(5, 7, generator=gen) > 0.3).float()
+    loss, _ = ppo_policy_loss(logp, old, adv, mask, 0.2, 0.28)
+    (grad,) = torch.autograd.grad(loss, logp)
+    ratio = torch.exp((logp - old).clamp(-20.0, 20.0))
+    before = masked_mean(torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.28)), mask)
+    (grad_before,) = torch.autograd.grad(before, logp)
+    assert torch.equal(loss, before) and torch.equal(grad, grad_before)
+
+
+def test_loss_agg_modes_by_hand():
+    loss_t = t([1.0, 2.0, 99.0], [3.0, 99.0, 99.0], [99.0, 99.0, 99.0])
+    mask = t([1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0])  # the last row has no response tokens: not a sequence
+    assert LOSS_AGG_MODES["token_mean"](loss_t, mask).item() == pytest.approx((1 + 2 + 3) / 3)
+    assert LOSS_AGG_MODES["seq_mean_token_sum"](loss_t, mask).item() == pytest.approx((3 + 3) / 2)
+    assert LOSS_AGG_MODES["seq_mean_token_mean"](loss_t, mask).item() == pytest.approx((1.5 + 3) / 2)
+    for agg in LOSS_AGG_MODES.values():
+        assert agg(loss_t, torch.zeros_like(mask)).item() == 0.0
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"])
+@pytest.mark.parametrize("policy_loss, params", [("vanilla", {}), ("dual_clip", {"c": 2.5})])
+def test_policy_loss_vs_loop(policy_loss, params, agg):
     gen = torch.Generator().manual_seed(0)
     B, T, lo, hi = 4, 6, 0.2, 0.3
     logp = -torch.rand(B, T, generator=gen, dtype=torch.float64) * 2
@@ -55,22 +115,28 @@ def test_policy_loss_vs_loop(dual_clip):
     adv = torch.randn(B, T, generator=gen, dtype=torch.float64) * 2
     lengths = torch.randint(1, T + 1, (B,), generator=gen)
     mask = (torch.arange(T)[None] < lengths[:, None]).double()
-    loss, stats = ppo_policy_loss(logp, old, adv, mask, lo, hi, dual_clip=dual_clip)
-    losses, clipped, kls, ratios = [], [], [], []
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, lo, hi, policy_loss=policy_loss, policy_loss_params=params,
+                                  loss_agg_mode=agg)
+    rows, clipped, kls, ratios = [], [], [], []
     for i in range(B):
+        row = []
         for j in range(int(lengths[i])):
             lr = logp[i, j].item() - old[i, j].item()
             r, a = math.exp(lr), adv[i, j].item()
             u, c = -a * r, -a * min(max(r, 1 - lo), 1 + hi)
             l = max(u, c)
-            if dual_clip is not None and a < 0:
-                l = min(l, -a * dual_clip)
-            losses.append(l)
+            if policy_loss == "dual_clip" and a < 0:
+                l = min(l, -a * params["c"])
+            row.append(l)
             clipped.append(1.0 if c > u else 0.0)
             kls.append(r - 1 - lr)
             ratios.append(r)
-    n = len(losses)
-    assert loss.item() == pytest.approx(sum(losses) / n)
+        rows.append(row)
+    n = len(clipped)
+    expected = {"token_mean": sum(sum(row) for row in rows) / n,
+                "seq_mean_token_sum": sum(sum(row) for row in rows) / B,
+                "seq_mean_token_mean": sum(sum(row) / len(row) for row in rows) / B}[agg]
+    assert loss.item() == pytest.approx(expected)
     assert stats["clipfrac"].item() == pytest.approx(sum(clipped) / n)
     assert stats["approx_kl"].item() == pytest.approx(sum(kls) / n)
     assert stats["ratio_mean"].item() == pytest.approx(sum(ratios) / n)

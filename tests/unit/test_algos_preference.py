@@ -3,8 +3,11 @@ import math
 import pytest
 import torch
 
+from rlhf_cluster.algos.core import NoParams
 from rlhf_cluster.algos.preference import (
     PREFERENCE_LOSSES,
+    CDPOParams,
+    SimPOParams,
     bradley_terry_loss,
     get_preference_loss,
     kto_loss,
@@ -20,13 +23,13 @@ def t(*xs):
     return torch.tensor(xs, dtype=torch.float64)
 
 
-def call(name, c, r, lc=None, lr=None, rc=None, rr=None, beta=0.1, eps=0.0, gamma=0.0):
+def call(name, c, r, lc=None, lr=None, rc=None, rr=None, beta=0.1, **params):
     n = len(c)
     return get_preference_loss(name).fn(
         chosen_logps=c, rejected_logps=r,
         chosen_lengths=lc if lc is not None else torch.ones(n, dtype=torch.float64),
         rejected_lengths=lr if lr is not None else torch.ones(n, dtype=torch.float64),
-        ref_chosen_logps=rc, ref_rejected_logps=rr, beta=beta, label_smoothing=eps, simpo_gamma=gamma,
+        ref_chosen_logps=rc, ref_rejected_logps=rr, beta=beta, **params,
     )
 
 
@@ -50,8 +53,10 @@ def test_bradley_terry_vs_loop():
 
 def test_registry():
     assert set(PREFERENCE_LOSSES) >= {"dpo", "cdpo", "ipo", "hinge", "simpo", "orpo"}
-    assert PREFERENCE_LOSSES["cdpo"].fn is PREFERENCE_LOSSES["dpo"].fn
     assert PREFERENCE_LOSSES["cdpo"].name == "cdpo"
+    assert PREFERENCE_LOSSES["cdpo"].params is CDPOParams and PREFERENCE_LOSSES["simpo"].params is SimPOParams
+    for name in ("dpo", "ipo", "hinge", "orpo"):
+        assert get_preference_loss(name).params is NoParams
     for name in ("dpo", "cdpo", "ipo", "hinge"):
         assert get_preference_loss(name).needs_reference
     for name in ("simpo", "orpo"):
@@ -60,8 +65,24 @@ def test_registry():
         get_preference_loss("kto_pair")
     with pytest.raises(ValueError):
         register_preference_loss("dpo", needs_reference=True)(lambda **k: None)
+    with pytest.raises(ValueError, match=r"does not take its params \['gamma'\]"):
+        register_preference_loss("test_no_gamma", needs_reference=False, params=SimPOParams)(lambda *, beta: None)
+    assert "test_no_gamma" not in PREFERENCE_LOSSES
     with pytest.raises(ValueError):
         call("dpo", t(-1.0), t(-2.0))  # missing reference
+    with pytest.raises(TypeError):  # each loss takes only its own parameters
+        call("dpo", C, R, rc=RC, rr=RR, label_smoothing=0.1)
+
+
+def test_params_check_their_ranges_and_fill_defaults():
+    assert SimPOParams().gamma == 0.5
+    for eps in (0.0, 0.5, -0.1):
+        with pytest.raises(ValueError, match="label_smoothing must be > 0 and < 0.5"):
+            CDPOParams(label_smoothing=eps)
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
+        SimPOParams(gamma=-0.1)
+    with pytest.raises(TypeError):  # cdpo's ε has no default: 0 would be plain dpo
+        CDPOParams()
 
 
 # chosen -10 (ref -12), rejected -11 (ref -10): h = 2 - (-1) = 3
@@ -72,7 +93,7 @@ def test_dpo_by_hand():
     losses, cr, rr = call("dpo", C, R, rc=RC, rr=RR, beta=0.1)
     assert losses.item() == pytest.approx(math.log1p(math.exp(-0.3)))
     assert cr.item() == pytest.approx(0.2) and rr.item() == pytest.approx(-0.1)
-    losses, _, _ = call("cdpo", C, R, rc=RC, rr=RR, beta=0.1, eps=0.2)
+    losses, _, _ = call("cdpo", C, R, rc=RC, rr=RR, beta=0.1, label_smoothing=0.2)
     assert losses.item() == pytest.approx(0.8 * math.log1p(math.exp(-0.3)) + 0.2 * math.log1p(math.exp(0.3)))
 
 
@@ -113,6 +134,8 @@ def reference_loss(name, c, r, lc, lr, rc, rr, beta, eps, gamma):
         h = (c - rc) - (r - rr)
         if name == "hinge":
             return max(0.0, 1 - beta * h), beta * (c - rc), beta * (r - rr)
+        if name == "dpo":
+            return -log_sigmoid(beta * h), beta * (c - rc), beta * (r - rr)
         return -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h), beta * (c - rc), beta * (r - rr)
     if name == "ipo":
         h = (c - rc) / lc - (r - rr) / lr
@@ -135,8 +158,9 @@ def test_preference_losses_vs_loop(name):
     rc = c + torch.randn(B, generator=gen, dtype=torch.float64)
     rr = r + torch.randn(B, generator=gen, dtype=torch.float64)
     beta, eps, gamma = 0.3, 0.1, 0.7
+    params = {"cdpo": {"label_smoothing": eps}, "simpo": {"gamma": gamma}}.get(name, {})
     c.requires_grad_(True)
-    losses, cr, rw = call(name, c, r, lc, lr, rc, rr, beta=beta, eps=eps, gamma=gamma)
+    losses, cr, rw = call(name, c, r, lc, lr, rc, rr, beta=beta, **params)
     assert losses.shape == cr.shape == rw.shape == (B,)
     assert losses.requires_grad and not cr.requires_grad and not rw.requires_grad
     for i in range(B):

@@ -53,11 +53,11 @@ def test_override_values_parse_as_yaml():
         ("policy.learning_rate=fast", "policy.learning_rate"),
         ("rollout.top_p=0", "rollout.top_p"),
         ("policy.offload_params=true", "offload_params=true needs zero_stage=3"),
-        ("algorithm.dual_clip=0.5", "dual_clip must be > 1"),
+        ("algorithm.policy_loss_params.c=3", "vanilla has no parameter 'c' (vanilla takes none)"),
         ("algorithm.advantage_estimator=grpo", "set rollout.n_samples_per_prompt >= 2"),
         ("algorithm.mini_batch_size=5", "not a multiple of algorithm.mini_batch_size=5"),
         ("policy.micro_batch_size=32", "must be a multiple of policy.micro_batch_size"),
-        ("reward.model_name_or_path=/m/rm", "not both"),
+        ("reward.model_name_or_path=/m/rm", "the reward has one source"),
         ("reward.function=no_colon", "module:function"),
         ("algorithm.advantage_estimator=ppo2", "algorithm.advantage_estimator"),
     ],
@@ -145,3 +145,117 @@ def test_choices_and_their_rules_come_from_the_registries():
         ADVANTAGE_ESTIMATORS.pop("test_groups")
     assert not load_config(None, [*BASE, "method=dpo", "preference.loss=simpo"]).needs_reference
     assert load_config(None, [*BASE, "method=dpo", "preference.loss=kto"]).needs_reference
+
+
+def test_loss_params_are_checked_against_the_chosen_loss():
+    """Each loss's own parameters: unknown names list the allowed ones, types and ranges are checked, defaults filled."""
+    dpo = [*BASE, "method=dpo"]
+    cfg = load_config(None, [*dpo, "preference.loss=cdpo", "preference.loss_params.label_smoothing=0.2"])
+    assert cfg.preference.loss_params == {"label_smoothing": 0.2}
+    assert load_config(None, [*dpo, "preference.loss=simpo"]).preference.loss_params == {"gamma": 0.5}
+    assert load_config(None, dpo).preference.loss_params == {}
+    cfg = load_config(None, [*BASE, "algorithm.policy_loss=dual_clip"])
+    assert cfg.algorithm.policy_loss_params == {"c": 3.0} and cfg.algorithm.loss_agg_mode == "token_mean"
+    for override, expected in [
+        ("preference.loss_params.label_smothing=0.1",
+         "preference.loss_params: cdpo has no parameter 'label_smothing'; did you mean 'label_smoothing'? "
+         "(cdpo takes: label_smoothing)"),
+        ("preference.loss_params.label_smoothing=0.5", "cdpo: label_smoothing must be > 0 and < 0.5"),
+        ("preference.loss_params.label_smoothing=0", "cdpo: label_smoothing must be > 0 and < 0.5 (0 is plain dpo)"),
+        ("preference.loss_params.label_smoothing=lots", "cdpo.label_smoothing: Input should be a valid number"),
+        ("preference.loss_params=null", "preference.loss_params: Input should be a valid dictionary"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [*dpo, "preference.loss=cdpo", override])
+        assert expected in str(e.value), (override, str(e.value))
+    with pytest.raises(ConfigError, match="cdpo needs label_smoothing"):
+        load_config(None, [*dpo, "preference.loss=cdpo"])
+    with pytest.raises(ConfigError, match="simpo: gamma must be >= 0"):
+        load_config(None, [*dpo, "preference.loss=simpo", "preference.loss_params.gamma=-1"])
+    with pytest.raises(ConfigError, match=r"kto has no parameter 'gamma' \(kto takes none\)"):
+        load_config(None, [*dpo, "preference.loss=kto", "preference.loss_params.gamma=1"])
+    with pytest.raises(ConfigError, match="dual_clip: c must be > 1"):
+        load_config(None, [*BASE, "algorithm.policy_loss=dual_clip", "algorithm.policy_loss_params.c=1"])
+
+
+def test_policy_loss_and_aggregation_come_from_their_registries():
+    with pytest.raises(ConfigError, match="unknown policy loss 'dualclip'; did you mean 'dual_clip'"):
+        load_config(None, [*BASE, "algorithm.policy_loss=dualclip"])
+    with pytest.raises(ConfigError, match="unknown loss agg mode 'seq_mean_token_sums'; did you mean 'seq_mean_token_sum'"):
+        load_config(None, [*BASE, "algorithm.loss_agg_mode=seq_mean_token_sums"])
+    cfg = load_config(None, [*BASE, "algorithm.loss_agg_mode=seq_mean_token_mean"])
+    assert cfg.algorithm.loss_agg_mode == "seq_mean_token_mean" and cfg.algorithm.policy_loss == "vanilla"
+
+
+@pytest.mark.parametrize("old, hint", [
+    ("preference.label_smoothing=0.1", "preference.label_smoothing moved to preference.loss_params.label_smoothing (cdpo)"),
+    ("preference.simpo_gamma=0.5", "preference.simpo_gamma moved to preference.loss_params.gamma (simpo)"),
+    ("algorithm.dual_clip=3.0", "algorithm.dual_clip moved to algorithm.policy_loss: dual_clip with "
+                                "algorithm.policy_loss_params: {c: ...}"),
+])
+def test_old_field_names_say_where_they_moved(old, hint, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*BASE, old])
+    assert hint in str(e.value)
+    section, field = old.split("=")[0].split(".")
+    (tmp_path / "old.yaml").write_text(f"{section}:\n  {field}: {old.split('=')[1]}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "old.yaml", BASE)
+    assert hint in str(e.value)
+
+
+def test_a_loss_registered_in_one_place_is_a_config_choice_with_its_params(tmp_path):
+    """One file (the registered loss), one YAML, one test: the config validates the new loss's own parameters."""
+    from dataclasses import dataclass
+
+    import torch
+    import torch.nn.functional as F
+
+    from rlhf_cluster.algos.preference import PREFERENCE_LOSSES, get_preference_loss, register_preference_loss
+
+    @dataclass(frozen=True)
+    class MarginParams:
+        """margin m: subtracted from βh, >= 0."""
+
+        margin: float = 1.0
+
+        def __post_init__(self):
+            if self.margin < 0:
+                raise ValueError(f"margin must be >= 0, got {self.margin}")
+
+    @register_preference_loss("test_margin_dpo", needs_reference=True, params=MarginParams)
+    def margin_dpo(*, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, ref_chosen_logps, ref_rejected_logps,
+                   beta, margin):
+        c, r = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+        return -F.logsigmoid(beta * (c - r) - margin), (beta * c).detach(), (beta * r).detach()
+
+    try:
+        (tmp_path / "margin.yaml").write_text("method: dpo\npreference:\n  loss: test_margin_dpo\n"
+                                              "  loss_params:\n    margin: 0.25\n")
+        cfg = load_config(tmp_path / "margin.yaml", BASE)
+        assert cfg.preference.loss_params == {"margin": 0.25} and cfg.needs_reference
+        assert load_config(None, [*BASE, "method=dpo", "preference.loss=test_margin_dpo"]).preference.loss_params == {
+            "margin": 1.0}
+        with pytest.raises(ConfigError, match="test_margin_dpo: margin must be >= 0"):
+            load_config(tmp_path / "margin.yaml", ["preference.loss_params.margin=-1", *BASE])
+        with pytest.raises(ConfigError, match=r"no parameter 'gamma' \(test_margin_dpo takes: margin\)"):
+            load_config(tmp_path / "margin.yaml", ["preference.loss_params.gamma=1", *BASE])
+        one = torch.tensor([1.0])
+        losses, _, _ = get_preference_loss(cfg.preference.loss).fn(
+            chosen_logps=-one, rejected_logps=-2 * one, chosen_lengths=one, rejected_lengths=one, ref_chosen_logps=-one,
+            ref_rejected_logps=-one, beta=cfg.preference.beta, **cfg.preference.loss_params)
+        assert losses.item() == pytest.approx(-F.logsigmoid(torch.tensor(0.1 * 1.0 - 0.25)).item())
+    finally:
+        PREFERENCE_LOSSES.pop("test_margin_dpo")
+
+
+def test_explain_lists_each_losss_own_parameters():
+    from rlhf_cluster.config import explain
+
+    out = explain(load_config(None, [*BASE, "method=dpo", "preference.loss=cdpo", "preference.loss_params.label_smoothing=0.1"]))
+    assert "preference.loss_params: {label_smoothing: 0.1}   (default {})" in out
+    assert "cdpo: label_smoothing: float (required)" in out and "simpo: gamma: float = 0.5" in out
+    assert "dpo, hinge, ipo, kto, orpo: none" in out
+    assert "algorithm.policy_loss: vanilla   (default vanilla)   one of: dual_clip, vanilla" in out
+    assert "dual_clip: c: float = 3.0" in out
+    assert "algorithm.loss_agg_mode: token_mean   (default token_mean)   one of: seq_mean_token_mean" in out

@@ -159,3 +159,50 @@ def test_sft_rm_ppo_pipeline_runs_start_to_finish(tiny_model_dir, tmp_path):
         assert (tmp_path / out / "config.json").is_file(), out
     s = results["ppo"]
     assert s["eval_after"] > s["eval_before"], s  # the PPO stage optimised the RM trained in stage 2
+
+
+def pipeline(name: str, tmp_path: Path, first_model: Path, overrides: list[str]) -> list:
+    """A shipped pipeline with its output under tmp_path, its first stage starting from ``first_model``, every
+    stage in this process."""
+    import yaml
+
+    pipe = yaml.safe_load((REPO / "configs" / name).read_text())
+    pipe["output_dir"] = str(tmp_path)
+    pipe["stages"][0].setdefault("overrides", {})["policy.model_name_or_path"] = str(first_model)
+    for st in pipe["stages"]:
+        st["config"] = str(REPO / "configs" / Path(st["config"]).name)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(pipe))
+    return load_pipeline(path, [*overrides, *(f"{st['name']}.cluster.backend=local" for st in pipe["stages"])])
+
+
+def test_grpo_raises_a_verifiable_reward(tiny_model_dir, tmp_path):
+    """SFT teaches the answer format, then GRPO is rewarded only when the answer matches the row's "answer" field
+    (the dataset column reaches rlhf_cluster.rewards:exact_answer by name)."""
+    results = run_pipeline(pipeline("pipeline_verifiable.yaml", tmp_path, tiny_model_dir, []), run_method)
+    s = results["grpo"]
+    assert s["eval_after"] > s["eval_before"] + 0.05, s
+    r = rewards(tmp_path / "grpo")
+    assert rises(r, 8, 0.05), r
+
+
+def test_rl_with_a_reward_server_sends_each_row_its_dataset_fields(tiny_model_dir, tmp_path):
+    """reward.url: every generated row is posted with its prompt text and its own row's fields (the answer that
+    belongs to that prompt), in requests of request_batch_size, and the run goes on its answers."""
+    import re
+
+    from reward_server import RewardServer
+
+    server = RewardServer()
+    try:
+        s = run_method(config("verifiable_grpo.yaml", tiny_model_dir, tmp_path, "reward.function=null",
+                              f"reward.url={server.url}/exact", "reward.request_batch_size=48", "schedule.num_steps=3"))
+    finally:
+        server.close()
+    assert s["steps"] == 3
+    rows = [(p, e) for path, body, _ in server.requests for p, e in zip(body["prompts"], body["extras"])]
+    assert len(rows) == 3 * 16 * 8 + 2 * 64  # three steps' samples, two evaluations
+    assert max(len(body["prompts"]) for _, body, _ in server.requests) == 48
+    for prompt, extra in rows:
+        a, b = map(int, re.findall(r"\d+", prompt.split("larger")[1])[:2])
+        assert extra == {"answer": str(max(a, b))}, (prompt, extra)
