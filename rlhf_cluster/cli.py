@@ -39,7 +39,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
         return p
 
     t = new("train")
-    t.add_argument("config", help="YAML config (or pipeline) file")
+    t.add_argument("config", help="YAML config (or pipeline) file, or a shipped config's name (ppo_demo, grpo, dpo, ...)")
     t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     t.add_argument("--address", default=None,
                    help="existing Ray cluster: its GCS HOST:PORT, 'auto' on a cluster node, or ray://HOST:10001; "
@@ -48,7 +48,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     t.add_argument("--connect-timeout", type=float, default=None, metavar="S", help="give up reaching --address after S seconds")
 
     s = new("submit")
-    s.add_argument("config", help="YAML config (or pipeline) file, validated here before submitting")
+    s.add_argument("config", help="YAML config (or pipeline) file or a shipped config's name, validated here before submitting")
     s.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     s.add_argument("--address", default=None, help=JOBS_ADDRESS_HELP)
     s.add_argument("--follow", action="store_true", help="print the job's output until it ends; exit 0 only if it succeeded")
@@ -130,6 +130,10 @@ def _user_error(e: Exception) -> bool:
 
 
 def _run(args) -> int:
+    if getattr(args, "config", None) is not None:
+        from rlhf_cluster.config import find_config
+
+        args.config = str(find_config(args.config))  # a path, or the name of a shipped config
     if args.cmd == "config":
         return _config(args)
     if args.cmd == "build-tiny":

@@ -254,6 +254,10 @@ class AlgorithmConfig(_Strict):
         "grpo, rloo (n_samples_per_prompt >= 2), reinforce_pp.", json_schema_extra={"registry": "advantage_estimator"})
     gamma: float = Field(1.0, ge=0, le=1, description="Discount γ.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
+    group_std_eps: float = Field(
+        1e-6, gt=0, description="grpo's ε in Â = (R - mean) / (std + ε) over each prompt's group. A larger value damps "
+        "near-constant groups, whose tiny reward spread (often only the KL penalty's) would otherwise be scaled up to "
+        "full-size advantages; TRL uses 1e-4. Other estimators ignore it.")
     clip_eps_low: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip below 1.")
     clip_eps_high: float = Field(0.2, gt=0, description="PPO ratio clip above 1.")
     policy_loss: str = Field("vanilla", description="A registered per-token policy loss (rlhf_cluster.algos.ppo): vanilla "
@@ -371,6 +375,22 @@ class ClusterConfig(_Strict):
 # ----------------------------------------------------------------------------- run
 
 
+_OFFLINE = {"seed", "output_dir", "method", "policy", "data", "cluster", "algorithm.mini_batch_size", "schedule.num_epochs"}
+_ONLINE_SCHEDULE = {f"schedule.{f}" for f in ("num_steps", "prompts_per_step", "save_every", "eval_every", "eval_prompts")}
+# What each driver loop reads: whole sections, or single fields as "section.field".
+METHOD_READS: dict[str, set[str]] = {
+    "ppo": {"seed", "output_dir", "method", "policy", "critic", "reference", "reward", "rollout", "data", "algorithm",
+            "cluster", *_ONLINE_SCHEDULE},
+    "online_dpo": {"seed", "output_dir", "method", "policy", "reference", "reward", "rollout", "data", "cluster",
+                   "algorithm.mini_batch_size", *_ONLINE_SCHEDULE,
+                   *(f"preference.{f}" for f in ("loss", "beta", "loss_params", "steps_per_iteration"))},
+    "dpo": {*_OFFLINE, "reference", *(f"preference.{f}" for f in ("loss", "beta", "loss_params", "kto_desirable_weight",
+                                                                  "kto_undesirable_weight", "reference_mode"))},
+    "sft": _OFFLINE,
+    "rm": _OFFLINE,
+}
+
+
 class RunConfig(_Strict):
     method: Literal["ppo", "sft", "rm", "dpo", "online_dpo"] = Field(
         "ppo", description="Which driver loop runs: ppo (and critic-free RL), sft, rm (reward model), dpo (offline "
@@ -389,12 +409,28 @@ class RunConfig(_Strict):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
+    def _fields_the_method_reads(self) -> RunConfig:
+        """A setting the chosen method never reads is refused rather than silently ignored."""
+        reads = METHOD_READS[self.method]
+        for section, info in type(self).model_fields.items():
+            value = getattr(self, section)
+            if section in reads or not isinstance(value, BaseModel):
+                continue
+            default = info.get_default(call_default_factory=True)
+            for name in sorted(value.model_fields_set):
+                if f"{section}.{name}" not in reads and getattr(value, name) != getattr(default, name):
+                    used = sorted(r.partition(".")[2] for r in reads if r.startswith(f"{section}."))
+                    what = f"it reads only {', '.join(f'{section}.{u}' for u in used)}" if used else f"it has no {section}"
+                    raise ValueError(f"{section}.{name} is not used by method={self.method} ({what}); remove it")
+        return self
+
+    @model_validator(mode="after")
     def _combinations(self) -> RunConfig:
         if self.policy.model_name_or_path is None:
             raise ValueError("policy.model_name_or_path is required: point it at a local Hugging Face model directory")
         if self.data.train_path is None:
             raise ValueError("data.train_path is required: a JSONL/JSON/Parquet file or a datasets directory")
-        if self.reference.model_name_or_path is None:
+        if self.reference.model_name_or_path is None and self.needs_reference:
             self.reference.model_name_or_path = self.policy.model_name_or_path
         rl = self.method in ("ppo", "online_dpo")
         if rl and self.reward.kind is None:
@@ -550,6 +586,21 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+SHIPPED = Path(__file__).parent / "configs"
+
+
+def find_config(arg: str | Path) -> Path:
+    """A config file path, or the name of a shipped config (``ppo_demo``, ``grpo.yaml``) installed with the package."""
+    p = Path(arg)
+    if p.exists():
+        return p
+    for cand in (SHIPPED / p.name, SHIPPED / f"{p.name}.yaml"):
+        if p.parent == Path(".") and cand.is_file():
+            return cand
+    names = ", ".join(sorted(f.stem for f in SHIPPED.glob("*.yaml")))
+    raise ConfigError(f"config file {str(arg)!r} does not exist (nor is it a shipped config: {names})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Merge a YAML file (optional; it may name a ``base`` file it extends) with dotted overrides, and validate.
 
@@ -574,14 +625,26 @@ def absolute_path(value: str, base: Path) -> str:
     return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
 
 
+def resolve_path(dotted: str, value: str, base: Path, config_dir: Path | None = None) -> str:
+    """Path field ``dotted`` made absolute against ``base``; an input that is not there but is next to the
+    config file (a shipped config's ``data/...``) is taken from there."""
+    path = absolute_path(value, base)
+    if dotted != "output_dir" and config_dir is not None and not os.path.exists(path):
+        beside = absolute_path(value, config_dir)
+        return beside if os.path.exists(beside) else path
+    return path
+
+
 def absolute_paths(cfg: RunConfig, base: Path, config_dir: Path | None = None) -> RunConfig:
-    """Every path field made absolute against ``base``; a local reward module's directory found and recorded."""
+    """Every path field made absolute against ``base`` (the working directory); an input that is not
+    there but is next to the config file (a shipped config's ``data/...``) is taken from there. A local
+    reward module's directory is found and recorded."""
     for dotted in PATH_FIELDS:
         section, _, name = dotted.rpartition(".")
         owner = getattr(cfg, section) if section else cfg
         value = getattr(owner, name)
         if value is not None:
-            setattr(owner, name, absolute_path(value, base))
+            setattr(owner, name, resolve_path(dotted, value, base, config_dir))
     if cfg.reward.function and cfg.reward.code_dir is None:
         found = find_local_module(cfg.reward.function.partition(":")[0], [d for d in (config_dir, base) if d is not None])
         if found is not None:
@@ -629,8 +692,22 @@ def build_config(tree: dict) -> RunConfig:
         raise ConfigError(_format_validation_error(e, RunConfig)) from None
 
 
+def config_tree(cfg: RunConfig) -> dict:
+    """The config as plain data, with only the fields its method reads (so it loads back as the same config)."""
+    reads = METHOD_READS[cfg.method]
+    out: dict = {}
+    for key, value in cfg.model_dump(mode="json").items():
+        if key in reads:
+            out[key] = value
+        elif isinstance(value, dict):
+            kept = {k: v for k, v in value.items() if f"{key}.{k}" in reads}
+            if kept:
+                out[key] = kept
+    return out
+
+
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(config_tree(cfg), sort_keys=False)
 
 
 def explain(cfg: RunConfig | None = None) -> str:

@@ -19,12 +19,15 @@ their *first* ``max_response_length`` tokens (the EOS counts toward the limit, s
 truncated response loses it). ``truncation="error"`` raises instead. Every bad row raises
 a ``DataError`` naming the file, the row and the problem: nothing is dropped silently.
 
-Row numbers: the 1-based line number for JSONL ("line 7"), the 0-based index otherwise
-("row 7"). Token ids are plain lists of ints; collation into tensors happens elsewhere.
+Row numbers count from 1: the line number in the file for JSONL ("line 7", blank lines
+skipped but counted), the position in the list otherwise ("row 7" is the seventh row). JSON and
+JSONL files must be UTF-8 (a leading byte-order mark is accepted); any line ending works.
+Token ids are plain lists of ints; collation into tensors happens elsewhere.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 from dataclasses import dataclass, field
@@ -40,12 +43,12 @@ class DataError(ValueError):
 
 
 class Rows(list):
-    """A list of row dicts that remembers its source and each row's number."""
+    """A list of row dicts that remembers its source and each row's number (1-based; default 1..n)."""
 
     def __init__(self, items, source: str = "<rows>", numbers: list[int] | None = None, unit: str = "row"):
         super().__init__(items)
         self.source, self.unit = source, unit
-        self.numbers = list(numbers) if numbers is not None else list(range(len(self)))
+        self.numbers = list(numbers) if numbers is not None else list(range(1, len(self) + 1))
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,9 @@ class FeedbackExample:
 
 @dataclass
 class DataReport:
-    """What a builder did to a file: row count and how many prompts/responses it truncated."""
+    """What a builder did to a file: row count and how many prompts/responses it truncated.
+
+    unit: how the file's rows are numbered in messages, "line" (JSONL) or "row"."""
 
     source: str
     rows: int
@@ -94,6 +99,7 @@ class DataReport:
     responses_truncated: int = 0
     max_prompt_length: int | None = None
     max_response_length: int | None = None
+    unit: str = "row"
 
     def summary(self) -> str:
         parts = [f"{self.rows} rows", _count(self.prompts_truncated, "prompt", self.max_prompt_length)]
@@ -135,15 +141,26 @@ def load_rows(path: str | Path) -> Rows:
 
 
 def _read_text(p: Path, src: str) -> str:
+    """The file as UTF-8 text with a leading BOM dropped and every line ending (CRLF, CR) made \\n."""
+    data = p.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(f"{src}: UTF-16 text (it starts with a UTF-16 byte-order mark); re-save the file as UTF-8")
+    data = data.removeprefix(codecs.BOM_UTF8)
     try:
-        return p.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{src}: not UTF-8 text ({e})") from None
+        # name the line and column, as an editor shows them; everything before e.start decoded fine
+        before = data[: e.start].decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        line, col = before.count("\n") + 1, len(before) - before.rfind("\n")
+        raise DataError(f"line {line} of {src}: not UTF-8 (byte 0x{data[e.start]:02x} at column {col}); "
+                        "re-save the file as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _parse_jsonl(text: str, src: str) -> tuple[list[int], list[dict]]:
     numbers, rows = [], []
-    for n, line in enumerate(text.splitlines(), 1):
+    # split on \n only: str.splitlines also breaks at U+2028, U+0085 and others, which JSON strings may hold raw
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -177,7 +194,7 @@ def _parse_json(text: str, src: str) -> list[dict]:
         raise DataError(f"{src}: expected a JSON list of objects, got {type(data).__name__}")
     for i, obj in enumerate(data):
         if not isinstance(obj, dict):
-            raise DataError(f"row {i} of {src}: expected a JSON object, got {type(obj).__name__}")
+            raise DataError(f"row {i + 1} of {src}: expected a JSON object, got {type(obj).__name__}")
     return data
 
 
@@ -223,9 +240,10 @@ class _Builder:
         self.source = source or getattr(rows, "source", "<rows>")
         self.unit = getattr(rows, "unit", "row")
         numbers = getattr(rows, "numbers", None)
-        self.numbers = numbers if numbers is not None and len(numbers) == len(rows) else range(len(rows))
+        self.numbers = numbers if numbers is not None and len(numbers) == len(rows) else range(1, len(rows) + 1)
         self.max_prompt, self.max_response = max_prompt_length, max_response_length
-        self.report = DataReport(self.source, len(rows), 0, 0, max_prompt_length, max_response_length if response else None)
+        self.report = DataReport(self.source, len(rows), 0, 0, max_prompt_length, max_response_length if response else None,
+                                 self.unit)
         if apply_chat_template and not getattr(tokenizer, "chat_template", None):
             raise DataError(f"{self.source}: the tokenizer has no chat template; set data.apply_chat_template=false")
         self.eos = tokenizer.eos_token_id

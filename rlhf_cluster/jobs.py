@@ -28,7 +28,15 @@ from rlhf_cluster.cluster.connect import (
     stage_module,
     use_token_if_available,
 )
-from rlhf_cluster.config import PATH_FIELDS, _read_tree, _set_dotted, absolute_path, load_config, parse_override
+from rlhf_cluster.config import (
+    PATH_FIELDS,
+    _read_tree,
+    _set_dotted,
+    absolute_path,
+    load_config,
+    parse_override,
+    resolve_path,
+)
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -91,8 +99,8 @@ def _call(fn, url: str, *args, **kwargs):
 # ----------------------------------------------------------------------------- what a job ships
 
 
-def _absolute_tree(tree: dict, base: Path) -> dict:
-    """Path fields of a config tree made absolute against ``base`` (values like ${stage.policy} stay).
+def _absolute_tree(tree: dict, base: Path, config_dir: Path | None = None) -> dict:
+    """Path fields of a config tree made absolute as ``load_config`` does (values like ${stage.policy} stay).
 
     ``reward.code_dir`` is dropped: the job finds a shipped reward module next to its config.
     """
@@ -104,7 +112,7 @@ def _absolute_tree(tree: dict, base: Path) -> dict:
         for k in parents:
             node = node.get(k) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(leaf), str) and "${" not in node[leaf]:
-            node[leaf] = absolute_path(node[leaf], base)
+            node[leaf] = resolve_path(dotted, node[leaf], base, config_dir)
     return tree
 
 
@@ -130,7 +138,7 @@ def stage_job(config: str, overrides: list[str]) -> tuple[Path, str, list[str]]:
             src = Path(s["config"])
             if not src.is_absolute() and not src.exists():
                 src = Path(config).parent / src
-            stage_tree = _absolute_tree(_read_tree(src), cwd)
+            stage_tree = _absolute_tree(_read_tree(src), cwd, src.parent)
             name = f"stage_{i + 1}_{s['name']}.yaml"
             (out / name).write_text(yaml.safe_dump(stage_tree, sort_keys=False))
             s["config"] = name
@@ -147,7 +155,7 @@ def stage_job(config: str, overrides: list[str]) -> tuple[Path, str, list[str]]:
         for text in overrides:
             key, value = parse_override(text)
             _set_dotted(tree, key, value)
-        tree = _absolute_tree(tree, cwd)
+        tree = _absolute_tree(tree, cwd, Path(config).parent)
         cfgs, outputs = [cfg], [cfg.output_dir]
     for cfg in cfgs:
         if cfg.reward.function and cfg.reward.code_dir:

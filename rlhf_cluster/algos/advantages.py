@@ -1,13 +1,16 @@
 """Advantage estimators behind one uniform signature::
 
-    fn(token_rewards, mask, *, values, group_size, gamma, lam) -> (advantages, returns)
+    fn(token_rewards, mask, *, values, group_size, gamma, lam, std_eps) -> (advantages, returns)
 
 token_rewards, mask, values: (B, T); outputs (B, T), zeroed where mask == 0.
-Unused keyword arguments are accepted and ignored so the caller can dispatch blindly.
+Every estimator takes every keyword and ignores those it does not use, so the caller can
+dispatch blindly; registration checks the signature, so an estimator missing one fails at
+import, not at the first training step.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +20,7 @@ from torch import Tensor
 from .core import masked_sum, masked_whiten
 
 AdvantageFn = Callable[..., tuple[Tensor, Tensor]]
+KEYWORDS = ("values", "group_size", "gamma", "lam", "std_eps")  # what the caller passes every estimator
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,21 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
 
 
 def register_advantage_estimator(name: str, *, needs_critic: bool, needs_groups: bool, whiten: bool):
-    """Decorator registering ``fn`` in ADVANTAGE_ESTIMATORS under ``name`` (duplicates raise ValueError)."""
+    """Decorator registering ``fn`` in ADVANTAGE_ESTIMATORS under ``name``.
+
+    A duplicate name, or an ``fn`` that does not accept every keyword in KEYWORDS (by name or
+    through ``**kwargs``), raises ValueError.
+    """
 
     def deco(fn: AdvantageFn) -> AdvantageFn:
         if name in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"advantage estimator {name!r} already registered")
+        params = inspect.signature(fn).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            missing = [k for k in KEYWORDS if k not in params]
+            if missing:
+                raise ValueError(f"advantage estimator {name!r}: {fn.__name__} does not take the keyword(s) {missing}; "
+                                 f"estimators take all of {KEYWORDS} and ignore those they do not use")
         ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(name, fn, needs_critic, needs_groups, whiten)
         return fn
 
@@ -62,11 +76,12 @@ def _zero_pad(x: Tensor, mask: Tensor) -> Tensor:
 
 
 @register_advantage_estimator("gae", needs_critic=True, needs_groups=False, whiten=True)
-def gae(token_rewards: Tensor, mask: Tensor, *, values: Tensor | None, group_size: int, gamma: float, lam: float):
+def gae(token_rewards: Tensor, mask: Tensor, *, values: Tensor | None, group_size: int, gamma: float, lam: float,
+        std_eps: float):
     """Generalized Advantage Estimation (Schulman et al. 2016, eqs. 11-16).
 
     token_rewards r: (B, T); mask: (B, T); values V: (B, T) critic values; gamma γ; lam λ.
-    V and r beyond the last valid token are treated as 0. group_size is ignored.
+    V and r beyond the last valid token are treated as 0. group_size and std_eps are ignored.
     Returns advantages A (B, T) and returns R = A + V (B, T), both 0 where mask == 0.
     Raises ValueError if values is None.
     """
@@ -97,28 +112,32 @@ def _grouped_scores(token_rewards: Tensor, mask: Tensor, group_size: int) -> Ten
 
 
 @register_advantage_estimator("grpo", needs_critic=False, needs_groups=True, whiten=False)
-def grpo(token_rewards: Tensor, mask: Tensor, *, values: Tensor | None, group_size: int, gamma: float, lam: float):
+def grpo(token_rewards: Tensor, mask: Tensor, *, values: Tensor | None, group_size: int, gamma: float, lam: float,
+         std_eps: float):
     """GRPO outcome advantages (Shao et al. 2024, DeepSeekMath, sec. 4.1.2).
 
     token_rewards: (B, T); mask: (B, T). Rows [0:g], [g:2g], ... (g = group_size >= 2,
     B divisible by g) are responses to the same prompt. With R_i = Σ_t r_t:
-    A_i = (R_i - mean_group(R)) / (std_group(R) + 1e-6), std unbiased, broadcast to
-    every masked token. values/gamma/lam are ignored. returns = advantages (there is
-    no critic target). Both (B, T), 0 where mask == 0.
+    A_i = (R_i - mean_group(R)) / (std_group(R) + std_eps), std unbiased, broadcast to
+    every masked token. std_eps > 0 keeps a constant group finite (its advantages are 0)
+    and bounds a near-constant one: |A_i| <= (g - 1) / sqrt(g) · std / (std + std_eps).
+    values/gamma/lam are ignored. returns = advantages (there is no critic target).
+    Both (B, T), 0 where mask == 0.
     """
     R = _grouped_scores(token_rewards, mask, group_size)
-    A = (R - R.mean(-1, keepdim=True)) / (R.std(-1, keepdim=True) + 1e-6)  # Â_i = (r_i - mean) / std
+    A = (R - R.mean(-1, keepdim=True)) / (R.std(-1, keepdim=True) + std_eps)  # Â_i = (r_i - mean) / (std + ε)
     adv = _zero_pad(A.reshape(-1, 1).expand_as(token_rewards), mask)
     return adv, adv.clone()
 
 
 @register_advantage_estimator("rloo", needs_critic=False, needs_groups=True, whiten=False)
-def rloo(token_rewards: Tensor, mask: Tensor, *, values: Tensor | None, group_size: int, gamma: float, lam: float):
+def rloo(token_rewards: Tensor, mask: Tensor, *, values: Tensor | None, group_size: int, gamma: float, lam: float,
+         std_eps: float):
     """REINFORCE Leave-One-Out (Ahmadian et al. 2024, eq. 5 / Kool et al. 2019).
 
     token_rewards: (B, T); mask: (B, T); groups as in GRPO (g >= 2).
     A_i = R_i - mean_{j≠i} R_j = g/(g-1) · (R_i - mean_group(R)), broadcast to masked
-    tokens. returns = advantages. Both (B, T), 0 where mask == 0.
+    tokens. values/gamma/lam/std_eps are ignored. returns = advantages. Both (B, T), 0 where mask == 0.
     """
     R = _grouped_scores(token_rewards, mask, group_size)
     A = group_size / (group_size - 1) * (R - R.mean(-1, keepdim=True))  # leave-one-out baseline
@@ -127,14 +146,13 @@ def rloo(token_rewards: Tensor, mask: Tensor, *, values: Tensor | None, group_si
 
 
 @register_advantage_estimator("reinforce_pp", needs_critic=False, needs_groups=False, whiten=False)
-def reinforce_pp(
-    token_rewards: Tensor, mask: Tensor, *, values: Tensor | None, group_size: int, gamma: float, lam: float
-):
+def reinforce_pp(token_rewards: Tensor, mask: Tensor, *, values: Tensor | None, group_size: int, gamma: float, lam: float,
+                 std_eps: float):
     """REINFORCE++ (Hu 2025): discounted return-to-go, whitened over the whole batch.
 
     token_rewards r: (B, T); mask: (B, T); gamma γ. G_t = Σ_{k>=t} γ^{k-t} r_k (masked).
     returns = G (B, T); advantages = masked_whiten(G, mask) (B, T) — already whitened,
-    hence whiten=False in the registry. values/group_size/lam are ignored.
+    hence whiten=False in the registry. values/group_size/lam/std_eps are ignored.
     """
     r = _zero_pad(token_rewards, mask)
     running = torch.zeros_like(r[:, 0])

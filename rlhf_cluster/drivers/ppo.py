@@ -69,7 +69,8 @@ class PPOStep:
         a, mask = self.a, exp.action_mask
         kl = kl_penalty(exp.old_logprobs, exp.ref_logprobs, a.kl_estimator) * mask
         exp.token_rewards = token_level_rewards(exp.scores, kl, mask, self.kl_ctl.value)
-        adv, ret = self.estimator.fn(exp.token_rewards, mask, values=exp.values, group_size=self.n, gamma=a.gamma, lam=a.lam)
+        adv, ret = self.estimator.fn(exp.token_rewards, mask, values=exp.values, group_size=self.n, gamma=a.gamma, lam=a.lam,
+                                     std_eps=a.group_std_eps)
         exp.advantages = masked_whiten(adv, mask) if self.estimator.whiten else adv
         exp.returns = ret
         kl_seq = (kl.sum(-1)).mean().item()

@@ -17,7 +17,7 @@ from rlhf_cluster.cluster.groups import split_rows
 from rlhf_cluster.cluster.roles import Roles, open_roles
 from rlhf_cluster.cluster.weight_sync import sync_weights
 from rlhf_cluster.config import ConfigError, RunConfig, preflight, resolve_function
-from rlhf_cluster.data import build_prompt_examples, load_rows
+from rlhf_cluster.data import DataReport, build_prompt_examples, load_rows
 from rlhf_cluster.drivers.common import (
     EpochSampler,
     MetricsSink,
@@ -197,11 +197,11 @@ def load_prompts(cfg: RunConfig, tokenizer, log=print) -> tuple[list, list]:
                 max_prompt_length=d.max_prompt_length, truncation=d.truncation)
     train, rep = build_prompt_examples(load_rows(d.train_path), tokenizer, source=d.train_path, **opts)
     log(rep.summary())
-    check_reward_fields(cfg, train, d.train_path)
+    check_reward_fields(cfg, train, rep)
     if d.eval_path:
         held, rep = build_prompt_examples(load_rows(d.eval_path), tokenizer, source=d.eval_path, **opts)
         log(rep.summary())
-        check_reward_fields(cfg, held, d.eval_path)
+        check_reward_fields(cfg, held, rep)
     else:
         held = train
         log(f"warning: data.eval_path is not set, so the held-out reward is measured on the first "
@@ -209,8 +209,9 @@ def load_prompts(cfg: RunConfig, tokenizer, log=print) -> tuple[list, list]:
     return train, held[: cfg.schedule.eval_prompts]
 
 
-def check_reward_fields(cfg: RunConfig, examples: list, source: str) -> None:
-    """Every dataset field the reward function asks for by name (a required parameter) is in every row."""
+def check_reward_fields(cfg: RunConfig, examples: list, report: DataReport) -> None:
+    """Every dataset field the reward function asks for by name (a required parameter) is in every row;
+    report (the builder's) names the file and how its rows are numbered."""
     if cfg.reward.kind != "function":
         return
     needed = required_fields(resolve_function(cfg.reward.function, cfg.reward.code_dir))
@@ -219,7 +220,7 @@ def check_reward_fields(cfg: RunConfig, examples: list, source: str) -> None:
         if missing:
             raise ConfigError(
                 f"reward.function={cfg.reward.function!r} takes the dataset field(s) {', '.join(map(repr, missing))}, "
-                f"but row {ex.row} of {source} has none (its fields besides the prompt: "
+                f"but {report.unit} {ex.row} of {report.source} has none (its fields besides the prompt: "
                 f"{', '.join(map(repr, ex.extra)) or 'none'}); add the field to every row, or give the parameter a default")
 
 

@@ -11,9 +11,9 @@ from rlhf_cluster.algos.advantages import (
 )
 
 
-def run(name, rewards, mask, values=None, group_size=1, gamma=1.0, lam=1.0):
+def run(name, rewards, mask, values=None, group_size=1, gamma=1.0, lam=1.0, std_eps=1e-6):
     fn = get_advantage_estimator(name).fn
-    return fn(rewards, mask, values=values, group_size=group_size, gamma=gamma, lam=lam)
+    return fn(rewards, mask, values=values, group_size=group_size, gamma=gamma, lam=lam, std_eps=std_eps)
 
 
 def random_batch(B, T, seed):
@@ -39,6 +39,19 @@ def test_registry():
         register_advantage_estimator("gae", needs_critic=True, needs_groups=False, whiten=True)(lambda *a, **k: None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         g.name = "x"
+
+
+def test_registry_checks_the_keywords():
+    """An estimator written before std_eps existed fails when registered, not at the first training step."""
+
+    def old(token_rewards, mask, *, values, group_size, gamma, lam):
+        return token_rewards, token_rewards
+
+    with pytest.raises(ValueError, match=r"'old_sig': old does not take the keyword\(s\) \['std_eps'\]"):
+        register_advantage_estimator("old_sig", needs_critic=False, needs_groups=False, whiten=False)(old)
+    assert "old_sig" not in ADVANTAGE_ESTIMATORS
+    register_advantage_estimator("kwargs_sig", needs_critic=False, needs_groups=False, whiten=False)(lambda r, m, **k: (r, r))
+    ADVANTAGE_ESTIMATORS.pop("kwargs_sig")
 
 
 def test_gae_by_hand():
@@ -83,6 +96,34 @@ def test_grpo_by_hand():
     expected = torch.tensor([[-a, -a], [a, a], [0.0, 0.0], [0.0, 0.0]])
     assert torch.allclose(adv, expected)
     assert torch.equal(adv, ret)
+
+
+def test_grpo_std_eps_damps_a_near_constant_group():
+    rewards = torch.tensor([[1.0], [1.0], [1.0], [1.00002]], dtype=torch.float64)
+    mask = torch.ones(4, 1, dtype=torch.float64)
+    # R = [1, 1, 1, 1 + 2e-5]: mean 1 + 5e-6, deviations [-5e-6, -5e-6, -5e-6, 1.5e-5],
+    # unbiased std = sqrt((3 * 25e-12 + 225e-12) / 3) = 1e-5
+    dev = [-5e-6, -5e-6, -5e-6, 1.5e-5]
+    for eps in (1e-6, 1e-4):
+        adv, _ = run("grpo", rewards, mask, group_size=4, std_eps=eps)
+        assert adv[:, 0].tolist() == pytest.approx([d / (1e-5 + eps) for d in dev], rel=1e-6)
+    small, _ = run("grpo", rewards, mask, group_size=4, std_eps=1e-6)
+    large, _ = run("grpo", rewards, mask, group_size=4, std_eps=1e-4)
+    # ε = 1e-6: a 2e-5 spread becomes a full-size advantage (1.5e-5 / 1.1e-5 ≈ 1.36);
+    # ε = 1e-4 (TRL's): damped 10× (1.5e-5 / 1.1e-4 ≈ 0.136)
+    assert small[3, 0].item() == pytest.approx(15 / 11, rel=1e-6) and large[3, 0].item() == pytest.approx(0.15 / 1.1, rel=1e-6)
+    # a group with a real spread barely notices ε: R = [1, 3] -> ±1 / (sqrt 2 + ε)
+    spread, _ = run("grpo", torch.tensor([[1.0], [3.0]], dtype=torch.float64), torch.ones(2, 1, dtype=torch.float64),
+                    group_size=2, std_eps=1e-4)
+    assert spread[:, 0].tolist() == pytest.approx([-1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4)])
+
+
+@pytest.mark.parametrize("name", ["gae", "rloo", "reinforce_pp"])
+def test_other_estimators_ignore_std_eps(name):
+    rewards, values, mask = random_batch(4, 5, seed=4)
+    a = run(name, rewards, mask, values=values, group_size=2, gamma=0.9, lam=0.9, std_eps=1e-6)
+    b = run(name, rewards, mask, values=values, group_size=2, gamma=0.9, lam=0.9, std_eps=0.5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_rloo_by_hand():

@@ -1,10 +1,13 @@
 """Config: YAML + dotted overrides, validated up front with messages that name the fix."""
 
+from pathlib import Path
+
 import pytest
 
-from rlhf_cluster.config import ConfigError, dump_config, load_config, parse_override, preflight
+from rlhf_cluster.config import ConfigError, config_tree, dump_config, load_config, parse_override, preflight
 
 BASE = ["policy.model_name_or_path=/m/policy", "reward.function=rlhf_cluster.rewards:sentiment", "data.train_path=/d/p.jsonl"]
+OFFLINE = BASE[:1] + BASE[2:]  # no reward: offline methods read none
 
 
 def test_defaults_and_derived_paths():
@@ -23,8 +26,9 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.policy.zero_stage == 3 and cfg.policy.offload_params is True
     assert cfg.rollout.temperature == 0.7
     assert cfg.critic.model_name_or_path == "/m/rm"  # critic starts from the reward model
-    again = load_config(None, [f"{k}={v}" for k, v in _flatten(cfg.model_dump(mode="json")).items() if v is not None])
+    again = load_config(None, [f"{k}={v}" for k, v in _flatten(config_tree(cfg)).items() if v is not None])
     assert again == cfg
+    assert "preference" not in config_tree(cfg)  # PPO reads no preference field
     assert "zero_stage: 3" in dump_config(cfg)
 
 
@@ -134,7 +138,7 @@ def test_choices_and_their_rules_come_from_the_registries():
     with pytest.raises(ConfigError, match="unknown advantage estimator 'grp'; did you mean 'grpo'"):
         load_config(None, [*BASE, "algorithm.advantage_estimator=grp"])
     with pytest.raises(ConfigError, match="unknown preference loss 'dpoo'; did you mean 'dpo'"):
-        load_config(None, [*BASE, "method=dpo", "preference.loss=dpoo"])
+        load_config(None, [*OFFLINE, "method=dpo", "preference.loss=dpoo"])
     register_advantage_estimator("test_groups", needs_critic=False, needs_groups=True, whiten=False)(lambda *a, **k: None)
     try:
         cfg = load_config(None, [*BASE, "algorithm.advantage_estimator=test_groups", "rollout.n_samples_per_prompt=2"])
@@ -143,13 +147,13 @@ def test_choices_and_their_rules_come_from_the_registries():
             load_config(None, [*BASE, "algorithm.advantage_estimator=test_groups"])
     finally:
         ADVANTAGE_ESTIMATORS.pop("test_groups")
-    assert not load_config(None, [*BASE, "method=dpo", "preference.loss=simpo"]).needs_reference
-    assert load_config(None, [*BASE, "method=dpo", "preference.loss=kto"]).needs_reference
+    assert not load_config(None, [*OFFLINE, "method=dpo", "preference.loss=simpo"]).needs_reference
+    assert load_config(None, [*OFFLINE, "method=dpo", "preference.loss=kto"]).needs_reference
 
 
 def test_loss_params_are_checked_against_the_chosen_loss():
     """Each loss's own parameters: unknown names list the allowed ones, types and ranges are checked, defaults filled."""
-    dpo = [*BASE, "method=dpo"]
+    dpo = [*OFFLINE, "method=dpo"]
     cfg = load_config(None, [*dpo, "preference.loss=cdpo", "preference.loss_params.label_smoothing=0.2"])
     assert cfg.preference.loss_params == {"label_smoothing": 0.2}
     assert load_config(None, [*dpo, "preference.loss=simpo"]).preference.loss_params == {"gamma": 0.5}
@@ -232,9 +236,9 @@ def test_a_loss_registered_in_one_place_is_a_config_choice_with_its_params(tmp_p
     try:
         (tmp_path / "margin.yaml").write_text("method: dpo\npreference:\n  loss: test_margin_dpo\n"
                                               "  loss_params:\n    margin: 0.25\n")
-        cfg = load_config(tmp_path / "margin.yaml", BASE)
+        cfg = load_config(tmp_path / "margin.yaml", OFFLINE)
         assert cfg.preference.loss_params == {"margin": 0.25} and cfg.needs_reference
-        assert load_config(None, [*BASE, "method=dpo", "preference.loss=test_margin_dpo"]).preference.loss_params == {
+        assert load_config(None, [*OFFLINE, "method=dpo", "preference.loss=test_margin_dpo"]).preference.loss_params == {
             "margin": 1.0}
         with pytest.raises(ConfigError, match="test_margin_dpo: margin must be >= 0"):
             load_config(tmp_path / "margin.yaml", ["preference.loss_params.margin=-1", *BASE])
@@ -252,10 +256,47 @@ def test_a_loss_registered_in_one_place_is_a_config_choice_with_its_params(tmp_p
 def test_explain_lists_each_losss_own_parameters():
     from rlhf_cluster.config import explain
 
-    out = explain(load_config(None, [*BASE, "method=dpo", "preference.loss=cdpo", "preference.loss_params.label_smoothing=0.1"]))
+    out = explain(load_config(None, [*OFFLINE, "method=dpo", "preference.loss=cdpo", "preference.loss_params.label_smoothing=0.1"]))
     assert "preference.loss_params: {label_smoothing: 0.1}   (default {})" in out
     assert "cdpo: label_smoothing: float (required)" in out and "simpo: gamma: float = 0.5" in out
     assert "dpo, hinge, ipo, kto, orpo: none" in out
     assert "algorithm.policy_loss: vanilla   (default vanilla)   one of: dual_clip, vanilla" in out
     assert "dual_clip: c: float = 3.0" in out
     assert "algorithm.loss_agg_mode: token_mean   (default token_mean)   one of: seq_mean_token_mean" in out
+
+
+@pytest.mark.parametrize("method, field, message", [
+    ("dpo", "schedule.num_steps=100", r"schedule.num_steps is not used by method=dpo \(it reads only schedule.num_epochs\)"),
+    ("sft", "rollout.temperature=0.5", r"rollout.temperature is not used by method=sft \(it has no rollout\)"),
+    ("ppo", "preference.beta=0.5", r"preference.beta is not used by method=ppo \(it has no preference\)"),
+    ("online_dpo", "preference.reference_mode=on_the_fly", r"it reads only preference.beta, preference.loss, preference.loss_params"),
+    ("online_dpo", "algorithm.kl_coef=0.1", r"algorithm.kl_coef is not used by method=online_dpo"),
+])
+def test_a_setting_the_method_never_reads_is_refused(method, field, message):
+    base = BASE if method in ("ppo", "online_dpo") else OFFLINE
+    extra = ["rollout.n_samples_per_prompt=2", "algorithm.mini_batch_size=16"] if method == "online_dpo" else []
+    load_config(None, [*base, f"method={method}", *extra])  # valid without it
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*base, f"method={method}", *extra, field])
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in Path("configs").glob("*.yaml") if "pipeline" not in p.stem))
+def test_a_dumped_config_loads_back_as_the_same_config(name, tmp_path):
+    cfg = load_config(f"configs/{name}.yaml")
+    (tmp_path / "dumped.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "dumped.yaml") == cfg
+
+
+def test_shipped_configs_by_name_from_any_directory(tmp_path, monkeypatch):
+    from rlhf_cluster.config import SHIPPED, find_config
+
+    monkeypatch.chdir(tmp_path)
+    assert find_config("ppo_demo") == find_config("ppo_demo.yaml") == SHIPPED / "ppo_demo.yaml"
+    cfg = load_config(find_config("ppo_demo"))
+    assert cfg.data.train_path == str(SHIPPED / "data" / "demo_prompts.jsonl")  # data ships next to the config
+    assert cfg.policy.model_name_or_path == str(tmp_path / "runs" / "models" / "tiny-policy")  # models: the cwd
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "demo_prompts.jsonl").write_text('{"prompt": "mine"}\n')
+    assert load_config(find_config("ppo_demo")).data.train_path == str(tmp_path / "data" / "demo_prompts.jsonl")  # cwd wins
+    with pytest.raises(ConfigError, match=r"'ppo_dmo' does not exist \(nor is it a shipped config: cdpo, dpo, grpo"):
+        find_config("ppo_dmo")

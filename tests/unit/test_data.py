@@ -70,7 +70,8 @@ def test_all_formats_give_identical_rows(tmp_path):
         assert rows.source == str(tmp_path / name)
     rows = load_rows(jsonl)  # blank lines are skipped, rows keep their line numbers
     assert (rows.unit, rows.numbers) == ("line", [1, 3, 5])
-    assert load_rows(tmp_path / "d.parquet").numbers == [0, 1, 2]
+    for name in ["list.json", "wrapped.json", "d.parquet", "ds", "dd"]:  # every other format counts rows from 1
+        assert (load_rows(tmp_path / name).unit, load_rows(tmp_path / name).numbers) == ("row", [1, 2, 3]), name
 
 
 def test_datasetdict_without_train_lists_splits(tmp_path):
@@ -94,7 +95,8 @@ def test_datasetdict_without_train_lists_splits(tmp_path):
         ("emptylist.json", "[]", r"emptylist.json: no rows"),
         ("lines.json", '{"a": 1}\n{"a": 2}\n', r"lines.json: not valid JSON .*rename it to \.jsonl"),
         ("two.json", '{"a": [], "b": []}', r"two.json: .*exactly one list of rows.*found 2 list-valued keys among: a, b"),
-        ("scalars.json", '[{"a": 1}, 5]', r"row 1 of .*scalars.json: expected a JSON object, got int"),
+        ("scalars.json", '[{"a": 1}, 5]', r"row 2 of .*scalars.json: expected a JSON object, got int"),
+        ("first.json", '[5, {"a": 1}]', r"row 1 of .*first.json: expected a JSON object, got int"),
         ("d.csv", "a,b\n", r"d.csv: unsupported file type '.csv'; use JSONL \(.jsonl\), JSON \(.json\), Parquet"),
         ("broken.parquet", "not parquet", r"broken.parquet: not a readable Parquet file"),
     ],
@@ -103,6 +105,86 @@ def test_load_errors(tmp_path, name, content, pattern):
     (tmp_path / name).write_text(content)
     with pytest.raises(DataError, match=pattern):
         load_rows(tmp_path / name)
+
+
+def test_json_list_rows_count_from_one_in_builder_errors(tmp_path, tok):
+    path = tmp_path / "prefs.json"
+    path.write_text(json.dumps([{"prompt": "p", "chosen": "a"}, {"prompt": "p", "chosen": "a", "rejected": "b"}]))
+    with pytest.raises(DataError, match=r"^row 1 of .*prefs\.json: missing key 'rejected'"):
+        load_examples("preference", path, tok, **LIMITS)
+    path.write_text(json.dumps({"data": [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}]}))
+    with pytest.raises(DataError, match=r"^row 2 of .*prefs\.json: missing key 'rejected'"):
+        load_examples("preference", path, tok, **LIMITS)
+    examples, _ = load_examples("prompt", path, tok, max_prompt_length=64)
+    assert [ex.row for ex in examples] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- encodings and line endings
+
+
+@pytest.mark.parametrize("name", ["prefs.jsonl", "prefs.json"])
+def test_non_utf8_names_line_column_and_fix(tmp_path, name):
+    lines = [b'{"prompt": "a"}', b'{"prompt": "\xc3\xa9t\xc3\xa9"}', b'{"p": "caf\xe9"}']  # line 2 is UTF-8 é; line 3 Latin-1
+    if name.endswith(".json"):
+        lines = [b"[" + lines[0] + b",", lines[1] + b",", lines[2] + b"]"]
+    (tmp_path / name).write_bytes(b"\r\n".join(lines) + b"\r\n")
+    with pytest.raises(DataError) as e:
+        load_rows(tmp_path / name)
+    assert str(e.value) == f"line 3 of {tmp_path / name}: not UTF-8 (byte 0xe9 at column 11); re-save the file as UTF-8"
+
+
+def test_non_utf8_column_counts_characters_after_earlier_multibyte_ones(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n\n{"p": "\xc3\xa9\xff"}\n')  # é is 2 bytes but 1 column; 0xff is never UTF-8
+    with pytest.raises(DataError, match=r"^line 3 of .*p\.jsonl: not UTF-8 \(byte 0xff at column 9\); re-save the file as UTF-8$"):
+        load_rows(path)
+
+
+def test_utf16_file_is_named_as_such(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes('{"prompt": "a"}\n'.encode("utf-16"))  # what PowerShell 5's > writes
+    with pytest.raises(DataError, match=r"p\.jsonl: UTF-16 text .*; re-save the file as UTF-8$"):
+        load_rows(path)
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "b.jsonl").write_bytes(bom + b'{"prompt": "a"}\n{"prompt": "b"}\n')
+    (tmp_path / "b.json").write_bytes(bom + b'[{"prompt": "a"}, {"prompt": "b"}]')
+    for name in ["b.jsonl", "b.json"]:
+        assert list(load_rows(tmp_path / name)) == [{"prompt": "a"}, {"prompt": "b"}], name
+    assert load_rows(tmp_path / "b.jsonl").numbers == [1, 2]
+    (tmp_path / "c.jsonl").write_bytes(bom + b'{"prompt": "a"}\n{"prompt": oops}\n')  # line numbers unchanged by the BOM
+    with pytest.raises(DataError, match=r"^line 2 of .*c\.jsonl: not valid JSON"):
+        load_rows(tmp_path / "c.jsonl")
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_line_endings_and_blank_lines_keep_true_line_numbers(tmp_path, newline):
+    path = tmp_path / "p.jsonl"
+    lines = ['{"prompt": "a"}', "", '{"prompt": "b"}', "  \t", "", '{"prompt": "c"}', "[1]"]
+    path.write_bytes(newline.join(lines).encode())
+    with pytest.raises(DataError, match=r"^line 7 of .*p\.jsonl: expected a JSON object, got list"):
+        load_rows(path)
+    path.write_bytes(newline.join(lines[:-1] + [""]).encode())
+    rows = load_rows(path)
+    assert (list(rows), rows.numbers) == ([{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}], [1, 3, 6])
+    assert "\r" not in rows[2]["prompt"]
+
+
+def test_json_error_line_counts_crlf_once(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_bytes(b'[\r\n{"prompt": "a"},\r\n{"prompt": oops}\r\n]')
+    with pytest.raises(DataError, match=r"p\.json: not valid JSON \(Expecting value at line 3 column 12\)"):
+        load_rows(path)
+
+
+def test_unicode_line_separators_inside_strings_do_not_split_jsonl_lines(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": "a\u2028b\x85c\x0cd"}, {"prompt": "e"}]  # json.dumps(ensure_ascii=False) writes these raw
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    loaded = load_rows(path)
+    assert (list(loaded), loaded.numbers) == (rows, [1, 2])
 
 
 def test_load_missing_path_and_plain_directory(tmp_path):
@@ -135,7 +217,7 @@ def test_prompt_examples_with_chat_template(tmp_path, tok):
 def test_prompt_examples_without_template(tok):
     (ex,), _ = build_prompt_examples([{"prompt": "say hello"}], tok, source="s", apply_chat_template=False, max_prompt_length=64)
     assert ex.prompt_ids == enc(tok, "say hello") and ex.prompt_text == "say hello"
-    with pytest.raises(DataError, match=r"row 0 of s: 'prompt' is a list of chat messages but apply_chat_template is off"):
+    with pytest.raises(DataError, match=r"row 1 of s: 'prompt' is a list of chat messages but apply_chat_template is off"):
         build_prompt_examples([{"prompt": msgs(("user", "x"))}], tok, source="s", apply_chat_template=False, max_prompt_length=64)
 
 
@@ -179,7 +261,7 @@ def test_sft_messages_trains_on_last_assistant_only(tok):
     ],
 )
 def test_sft_errors(tok, row, pattern):
-    with pytest.raises(DataError, match=r"row 1 of sft.json: " + pattern):
+    with pytest.raises(DataError, match=r"row 2 of sft.json: " + pattern):
         build_sft_examples([{"prompt": "ok", "response": "fine"}, row], tok, source="sft.json", **LIMITS)
 
 
@@ -202,7 +284,7 @@ def test_preference_examples(tok):
 
     fb = preference_to_feedback([a, b])
     assert [(f.completion_ids, f.desirable, f.row) for f in fb] == [
-        (a.chosen_ids, True, 0), (a.rejected_ids, False, 0), (b.chosen_ids, True, 1), (b.rejected_ids, False, 1)
+        (a.chosen_ids, True, 1), (a.rejected_ids, False, 1), (b.chosen_ids, True, 2), (b.rejected_ids, False, 2)
     ]
     assert all(f.prompt_ids == a.prompt_ids for f in fb[:2])
 
@@ -231,13 +313,13 @@ def test_feedback_examples(tok):
             {"prompt": "p", "completion": "ok", "label": 1}]
     examples, _ = build_feedback_examples(rows, tok, source="s", **LIMITS)
     assert [e.desirable for e in examples] == [True, False, True]
-    assert examples[1] == FeedbackExample(enc(tok, chat(tok, msgs(("user", "p")))), enc(tok, "bad") + [tok.eos_token_id], False, 1)
+    assert examples[1] == FeedbackExample(enc(tok, chat(tok, msgs(("user", "p")))), enc(tok, "bad") + [tok.eos_token_id], False, 2)
 
 
 @pytest.mark.parametrize("label", ["yes", 2, 1.0, None])
 def test_feedback_label_must_be_bool(tok, label):
     row = {"prompt": "p", "completion": "c", "label": label}
-    with pytest.raises(DataError, match=r"row 0 of kto: 'label' (must be a bool \(or 0/1\)|is null)"):
+    with pytest.raises(DataError, match=r"row 1 of kto: 'label' (must be a bool \(or 0/1\)|is null)"):
         build_feedback_examples([row], tok, source="kto", **LIMITS)
 
 
@@ -270,11 +352,11 @@ def test_truncation_error_names_row_length_and_limit(tok):
     prompt = "the quick brown fox jumps over the lazy dog"
     n = len(enc(tok, prompt))
     rows = [{"prompt": "hi", "response": "yo"}, {"prompt": prompt, "response": "yo"}]
-    with pytest.raises(DataError, match=rf"row 1 of t: prompt is {n} tokens, over max_prompt_length=4; "
+    with pytest.raises(DataError, match=rf"row 2 of t: prompt is {n} tokens, over max_prompt_length=4; "
                                          r"raise data.max_prompt_length or set data.truncation=truncate"):
         build_sft_examples(rows, tok, source="t", apply_chat_template=False, max_prompt_length=4,
                            max_response_length=64, truncation="error")
-    with pytest.raises(DataError, match=r"row 0 of t: response is \d+ tokens, over max_response_length=2"):
+    with pytest.raises(DataError, match=r"row 1 of t: response is \d+ tokens, over max_response_length=2"):
         build_sft_examples([{"prompt": "hi", "response": "hello there"}], tok, source="t", max_prompt_length=64,
                            max_response_length=2, truncation="error")
 
@@ -298,13 +380,13 @@ def test_truncation_error_names_row_length_and_limit(tok):
 def test_prompt_row_errors(tmp_path, tok, prompt, pattern):
     path = tmp_path / "rl.json"
     path.write_text(json.dumps({"data": [{"prompt": "ok"}, {"prompt": "fine"}, {"prompt": prompt}]}))
-    with pytest.raises(DataError, match=r"row 2 of .*rl\.json: " + pattern):
+    with pytest.raises(DataError, match=r"row 3 of .*rl\.json: " + pattern):
         load_examples("prompt", path, tok, max_prompt_length=64)
 
 
 def test_missing_prompt_key_and_custom_key(tok):
     with pytest.raises(DataError,
-                       match=r"row 0 of s: missing key 'prompt' \(keys present: question\); rename the column or set data.prompt_key"):
+                       match=r"row 1 of s: missing key 'prompt' \(keys present: question\); rename the column or set data.prompt_key"):
         build_prompt_examples([{"question": "hi"}], tok, source="s", max_prompt_length=64)
     (ex,), _ = build_prompt_examples([{"question": "hi"}], tok, source="s", prompt_key="question", max_prompt_length=64)
     assert ex.extra == {}

@@ -108,10 +108,10 @@ def test_missing_dataset_field_is_named_with_its_row(reward_module, tiny_model_d
     from rlhf_cluster.models import load_tokenizer
 
     data = tmp_path / "d.jsonl"
-    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "solution": "4"}\n')
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n\n{"prompt": "2+2=", "solution": "4"}\n')  # row 2, line 3
     cfg = RunConfig(policy={"model_name_or_path": str(tiny_model_dir)}, data={"train_path": str(data)},
                     reward={"function": "my_rewards:by_answer", "code_dir": str(reward_module)})
-    with pytest.raises(ConfigError, match=r"'answer'.*row 2 of .*d.jsonl has none.*'solution'"):
+    with pytest.raises(ConfigError, match=r"'answer'.*line 3 of .*d.jsonl has none.*'solution'"):
         load_prompts(cfg, load_tokenizer(str(tiny_model_dir)), log=lambda _: None)
 
 
