@@ -12,6 +12,7 @@ import sys
 
 from rlhf_cluster.config import ConfigError
 from rlhf_cluster.logs import quiet_libraries
+from rlhf_cluster.stopping import Terminated
 
 COMMANDS = {
     "train": "run a training job (any method; a pipeline file runs its stages in order)",
@@ -23,6 +24,7 @@ COMMANDS = {
     "plan": "where each role's actors go and the GPU memory each needs; the verdict",
     "config": "print the merged, validated config (--explain: every field's meaning, default and allowed values)",
     "build-tiny": "write a tiny Llama + tokenizer directory (offline, deterministic)",
+    "data": "data report FILE: is a preference/SFT/KTO file good enough to train on? (duplicates, length bias, ...)",
 }
 
 OVERRIDES_HELP = "dotted overrides, e.g. policy.zero_stage=3 rollout.temperature=0.7 (before or after the flags)"
@@ -44,7 +46,9 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     t.add_argument("--address", default=None,
                    help="existing Ray cluster: its GCS HOST:PORT, 'auto' on a cluster node, or ray://HOST:10001; "
                         "default: a local Ray")
-    t.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir that verifies")
+    t.add_argument("--no-checkpoint-on-signal", dest="checkpoint_on_signal", action="store_false",
+                   help="on SIGTERM/SIGINT stop after the current step without writing a checkpoint first")
     t.add_argument("--connect-timeout", type=float, default=None, metavar="S", help="give up reaching --address after S seconds")
 
     s = new("submit")
@@ -83,6 +87,18 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     b.add_argument("--kind", choices=["causal_lm", "scalar"], default="causal_lm")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--if-missing", action="store_true", help="do nothing when out_dir already holds a model")
+
+    d = new("data")
+    d.add_argument("action", choices=["report"], help="report: write report.md/.json/.png and print a summary")
+    d.add_argument("file", help="pairwise, unpaired-feedback (KTO) or SFT data: JSONL, JSON, Parquet or a datasets directory")
+    d.add_argument("--eval", default=None, metavar="FILE", help="held-out data: flags training prompts that appear in it")
+    d.add_argument("--deploy", default=None, metavar="FILE", help="prompts the model will serve: flags low overlap with training")
+    d.add_argument("--config", default=None, help="a config whose data section names the columns and lengths and whose "
+                   "policy tokenizer counts tokens (default: whitespace words)")
+    d.add_argument("--out", default=None, metavar="DIR", help="where the report goes (default: data_report/<file stem>)")
+    d.add_argument("--strict", action="store_true", help="exit 1 when any flag fires")
+    d.add_argument("--harmful-patterns", default=None, metavar="FILE", help="regexes (one a line) replacing the default list")
+    d.add_argument("--refusal-patterns", default=None, metavar="FILE", help="regexes (one a line) replacing the default list")
     return ps
 
 
@@ -107,9 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         return _run(args)
-    except Terminated:
-        print("\nterminated (SIGTERM); the actors were shut down", file=sys.stderr)
-        return 143
+    except Terminated as t:
+        import signal
+
+        name = signal.Signals(t.signum).name
+        where = f" at step {t.step}" if t.step is not None else ""
+        print(f"\nstopped on {name}{where}; the actors were shut down", file=sys.stderr)
+        if t.checkpoint is not None:
+            print(f"checkpoint: {t.checkpoint}\nresume with: rlhf-cluster train {' '.join(sys.argv[2:] if argv is None else argv[1:])}"
+                  f"{'' if '--resume' in argv else ' --resume'}", file=sys.stderr)
+        return 128 + t.signum
     except KeyboardInterrupt:
         print("\ninterrupted; the actors were shut down", file=sys.stderr)
         return 130
@@ -124,9 +147,13 @@ def _user_error(e: Exception) -> bool:
     from rlhf_cluster.cluster.connect import ConnectError
     from rlhf_cluster.cluster.groups import ActorFailure
     from rlhf_cluster.data import DataError
+    from rlhf_cluster.drivers.common import CheckpointError, RunLockError
     from rlhf_cluster.jobs import JobError
+    from rlhf_cluster.workers.reward_sources import RewardError
+    from rlhf_cluster.workers.trainer import UnsafeCheckpointError
 
-    return isinstance(e, (ConfigError, DataError, ActorFailure, ConnectError, JobError, FileNotFoundError))
+    return isinstance(e, (ConfigError, DataError, ActorFailure, ConnectError, JobError, FileNotFoundError, CheckpointError,
+                          RunLockError, RewardError, UnsafeCheckpointError))
 
 
 def _run(args) -> int:
@@ -136,6 +163,8 @@ def _run(args) -> int:
         args.config = str(find_config(args.config))  # a path, or the name of a shipped config
     if args.cmd == "config":
         return _config(args)
+    if args.cmd == "data":
+        return _data_report(args)
     if args.cmd == "build-tiny":
         from pathlib import Path
 
@@ -183,7 +212,7 @@ def _train(args) -> int:
     from rlhf_cluster.config import load_config
     from rlhf_cluster.pipeline import is_pipeline, load_pipeline, run_pipeline
 
-    _terminate_gracefully()
+    _terminate_gracefully(args)
     if is_pipeline(args.config):
         if args.resume:
             raise ConfigError("--resume continues one run; for a pipeline, resume its stage's config instead")
@@ -204,18 +233,25 @@ def _train(args) -> int:
     return 0
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived (a scheduler, preemption, `rlhf-cluster stop`)."""
+def _terminate_gracefully(args) -> None:
+    """SIGTERM/SIGINT: finish the step, checkpoint (unless --no-checkpoint-on-signal), shut the roles down."""
+    from rlhf_cluster.stopping import STOP
+
+    STOP.checkpoint = args.checkpoint_on_signal
+    STOP.install()
 
 
-def _terminate_gracefully() -> None:
-    """SIGTERM unwinds like Ctrl-C, so the roles are shut down on the way out instead of a native crash."""
-    import signal
+def _data_report(args) -> int:
+    from pathlib import Path
 
-    def handler(signum, frame):
-        raise Terminated()
+    from rlhf_cluster.quality.data_report import format_summary, run_report, write_report
 
-    signal.signal(signal.SIGTERM, handler)
+    report = run_report(args.file, eval_path=args.eval, deploy_path=args.deploy, config_path=args.config,
+                        harmful_path=args.harmful_patterns, refusal_path=args.refusal_patterns)
+    paths = write_report(report, args.out or Path("data_report") / Path(args.file).stem)
+    print(format_summary(report))
+    print("report: " + ", ".join(map(str, paths)))
+    return 1 if args.strict and report["flags"] else 0
 
 
 def _config(args) -> int:

@@ -350,6 +350,9 @@ class ScheduleConfig(_Strict):
     num_epochs: int = Field(1, ge=1, description="Offline stages (sft, rm, dpo): passes over the training data.")
     prompts_per_step: int = Field(16, ge=1, description="Prompts per rollout.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    save_total_limit: int = Field(3, ge=0, description="Keep the newest N checkpoints, deleting older ones (0: keep all).")
+    checkpoint_checksums: bool = Field(True, description="Record each checkpoint file's sha256 in its manifest and check "
+                                       "it on --resume (off: sizes only, for very large checkpoints).")
     eval_every: int = Field(0, ge=0, description="Evaluate on data.eval_path every N steps (0: start and end only).")
     eval_prompts: int = Field(32, ge=1, description="Held-out prompts per evaluation.")
 
@@ -364,6 +367,9 @@ class ClusterConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for the local Ray (default: all).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the cluster has GPUs.")
     cpus_per_actor: float = Field(0.01, gt=0, description="CPU resource each actor reserves (CPU clusters).")
+    call_timeout_s: float | None = Field(
+        3600.0, gt=0, description="Stop the run, naming the role, rank and phase, when one actor call (a generation, a "
+        "reward, an update, a checkpoint save) takes longer than this; null waits forever. Ray backend only.")
     memory_check: bool = Field(True, description="GPU clusters: before any actor starts, estimate each GPU's memory "
                                "(`rlhf-cluster plan`) and refuse a config that cannot fit.")
     gpu_memory_gib: float | None = Field(None, gt=0, description="Memory of each GPU for that check (default: read from "
@@ -376,7 +382,8 @@ class ClusterConfig(_Strict):
 
 
 _OFFLINE = {"seed", "output_dir", "method", "policy", "data", "cluster", "algorithm.mini_batch_size", "schedule.num_epochs"}
-_ONLINE_SCHEDULE = {f"schedule.{f}" for f in ("num_steps", "prompts_per_step", "save_every", "eval_every", "eval_prompts")}
+_ONLINE_SCHEDULE = {f"schedule.{f}" for f in ("num_steps", "prompts_per_step", "save_every", "save_total_limit",
+                                                "checkpoint_checksums", "eval_every", "eval_prompts")}
 # What each driver loop reads: whole sections, or single fields as "section.field".
 METHOD_READS: dict[str, set[str]] = {
     "ppo": {"seed", "output_dir", "method", "policy", "critic", "reference", "reward", "rollout", "data", "algorithm",

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from rlhf_cluster import stopping
+
 
 class ConnectError(RuntimeError):
     """The cluster cannot be reached or refused us; the message says why and what to do."""
@@ -221,6 +223,7 @@ def connect(address: str | None, *, num_cpus: int | None = None, timeout_s: floa
     addr = parse_address(address)
     if addr.kind == "local":
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, logging_level="WARNING")
+        stopping.reinstall()  # ray.init replaced our SIGTERM/SIGINT handler with its crash-dump one
         return
     use_token_if_available()
     if addr.kind == "dashboard":
@@ -242,6 +245,7 @@ def connect(address: str | None, *, num_cpus: int | None = None, timeout_s: floa
             raise ConnectError(f"the Ray cluster at {addr.text} refused this client's token. Fix: {TOKEN_FIX}") from None
         raise ConnectError(f"cannot connect to the Ray cluster at {addr.text}: {type(e).__name__}: "
                            f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}") from None
+    stopping.reinstall()
 
 
 # ----------------------------------------------------------------------------- what travels to the actors

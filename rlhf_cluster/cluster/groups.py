@@ -62,7 +62,8 @@ class Pending:
         self.group, self.handles, self.ranks, self.what = group, handles, ranks, what
 
     def get(self, timeout: float | None = None) -> list:
-        return self.group._resolve(self, timeout)
+        """The results, rank order; ``timeout`` defaults to the group's ``call_timeout_s``."""
+        return self.group._resolve(self, timeout if timeout is not None else self.group.call_timeout_s)
 
     def cat(self, timeout: float | None = None):
         import torch
@@ -79,6 +80,7 @@ class RoleGroup:
 
     spec: RoleSpec
     actors: list
+    call_timeout_s: float | None = None  # how long a call may take before the run stops naming it (None: forever)
 
     @property
     def role(self) -> str:
@@ -266,7 +268,11 @@ class ActorGroup(RoleGroup):
         try:
             return ray.get(pending.handles, timeout=timeout)
         except GetTimeoutError:
-            raise ActorFailure(f"{self.role} did not finish {pending.what} within {timeout:g} s") from None
+            ready, _ = ray.wait(pending.handles, num_returns=len(pending.handles), timeout=0)
+            late = [rank for rank, h in zip(pending.ranks, pending.handles) if h not in ready]
+            ranks = f"rank{'s' if len(late) > 1 else ''} {', '.join(map(str, late))}"
+            raise ActorFailure(f"{self.role} {ranks} did not finish {pending.what} within {timeout:g} s "
+                               "(a hung call, or a slow one: raise cluster.call_timeout_s)") from None
         except (RayActorError, RayTaskError) as e:
             for rank, r in zip(pending.ranks, pending.handles):
                 try:

@@ -92,6 +92,8 @@ def start_roles(cfg) -> Roles:
             raise
     if "rollout" in layout:
         roles.weight_sync = resolve_backend(cfg.rollout.weight_sync, use_gpu, local)
+    for g in roles.all():
+        g.call_timeout_s = cfg.cluster.call_timeout_s
     return roles
 
 

@@ -127,8 +127,89 @@ def set_rng_state(d: dict) -> None:
     random.setstate(d["python"])
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or none can be resumed; the message says which and why."""
+
+
+MANIFEST = "manifest.json"
+
+
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Committed checkpoint directories, newest first."""
+    dirs = [d for d in root.glob("step_*") if d.is_dir() and not d.name.endswith(".tmp")]
+    return sorted(dirs, key=lambda d: d.name, reverse=True)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(ckpt_dir: Path, checksums: bool = True) -> dict:
+    """Every file's size (and sha256) under ``ckpt_dir``, each file fsynced first; written last, so a
+    checkpoint with a manifest is complete and one whose files differ from it is damaged."""
+    files = {}
+    for f in sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+        _fsync(f)
+        files[str(f.relative_to(ckpt_dir))] = {"size": f.stat().st_size, **({"sha256": _sha256(f)} if checksums else {})}
+    tmp = ckpt_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=0))
+    _fsync(tmp)
+    os.replace(tmp, ckpt_dir / MANIFEST)
+    return files
+
+
+def verify_checkpoint(ckpt_dir: Path) -> str | None:
+    """None when every file the manifest lists is there with its size and checksum; else what is wrong."""
+    manifest = ckpt_dir / MANIFEST
+    if not manifest.is_file():
+        return "no manifest.json: the save did not finish"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return "manifest.json is damaged"
+    if "driver_state.pt" not in files:
+        return "the manifest lists no driver_state.pt"
+    for rel, want in files.items():
+        f = ckpt_dir / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != want["size"]:
+            return f"{rel} has {f.stat().st_size} bytes, the manifest says {want['size']}"
+        if "sha256" in want and _sha256(f) != want["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def resumable_checkpoint(output_dir: str | Path, log=print) -> Path | None:
+    """The newest checkpoint that verifies: the one ``latest`` names, else older ones, each skipped with a warning."""
+    root = checkpoint_root(output_dir)
+    marker = root / "latest"
+    named = root / marker.read_text().strip() if marker.is_file() else None
+    candidates = _step_dirs(root) if root.is_dir() else []
+    if named is not None and named in candidates:
+        candidates.remove(named)
+        candidates.insert(0, named)
+    for ckpt in candidates:
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        log(f"warning: checkpoint {ckpt} cannot be resumed ({problem}); trying the previous one")
+    return None
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -140,18 +221,86 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def commit_checkpoint(tmp_dir: Path, final_dir: Path, driver_state: dict) -> None:
-    """Write the driver state, move the finished directory into place, then point ``latest`` at it."""
+def clean_stale(output_dir: str | Path, log=print) -> None:
+    """Remove the ``step_N.tmp`` directories of saves that never finished (a crash, a full disk)."""
+    root = checkpoint_root(output_dir)
+    for tmp in sorted(root.glob("step_*.tmp")) if root.is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"removed {tmp}: an unfinished checkpoint save")
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (0 keeps all); returns what was deleted."""
+    if keep <= 0:
+        return []
+    old = _step_dirs(checkpoint_root(output_dir))[keep:]
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+    return old
+
+
+def commit_checkpoint(tmp_dir: Path, final_dir: Path, driver_state: dict, checksums: bool = True) -> None:
+    """Write the driver state and the manifest, move the finished directory into place, then point
+    ``latest`` at it."""
     torch.save(driver_state, tmp_dir / "driver_state.pt")
+    write_manifest(tmp_dir, checksums)
     if final_dir.exists():
         shutil.rmtree(final_dir)
     tmp_dir.rename(final_dir)
     marker = final_dir.parent / "latest"
     tmp_marker = marker.with_suffix(".tmp")
     tmp_marker.write_text(final_dir.name)
+    _fsync(tmp_marker)
     os.replace(tmp_marker, marker)
 
 
 def load_driver_state(ckpt_dir: Path) -> dict:
     # weights_only=True: a checkpoint is data, never code. RNG states are tensors and tuples.
     return torch.load(ckpt_dir / "driver_state.pt", weights_only=True)
+
+
+# --------------------------------------------------------------------------- the run lock
+
+
+class RunLockError(RuntimeError):
+    """Another run holds ``output_dir``."""
+
+
+class RunLock:
+    """One run per ``output_dir`` at a time: an exclusive ``flock`` on ``output_dir/.run.lock``, held for the
+    run and released by the kernel however the process ends (no stale lock after a crash or ``kill -9``).
+    The file names the holder (pid, host, start time) for the error the second run gets."""
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / ".run.lock"
+        self._f = None
+
+    def __enter__(self) -> RunLock:
+        import datetime
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise RunLockError(f"output_dir {self.path.parent} is in use by another run ({holder}); wait for it to finish, "
+                               "stop it, or choose another output_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {datetime.datetime.now().isoformat(timespec='seconds')}")
+        f.flush()
+        self._f = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self._f is not None:
+            fcntl.flock(self._f, fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None

@@ -35,10 +35,11 @@ from rlhf_cluster.data import (
     load_rows,
     preference_to_feedback,
 )
-from rlhf_cluster.drivers.common import EpochSampler, MetricsSink, plot_curve, read_metrics
+from rlhf_cluster.drivers.common import EpochSampler, MetricsSink, RunLock, plot_curve, read_metrics
 from rlhf_cluster.experience import Experience, FeedbackBatch, PairBatch, build_experience
 from rlhf_cluster.logs import Progress
 from rlhf_cluster.models import load_tokenizer
+from rlhf_cluster.stopping import STOP, Terminated
 
 # ----------------------------------------------------------------------------- collation
 
@@ -235,6 +236,9 @@ class OfflineRun:
                     m.update(self.evaluate())
                 sink.log(step, m)
                 bar.update(loss=f"{m['train/loss']:.4f}")
+                if STOP.signum is not None:  # SIGTERM/SIGINT: stop between steps (offline stages restart from inputs)
+                    bar.close()
+                    raise Terminated(STOP.signum, None, step)
             bar.close()
             after = read_metrics(sink.path)[-1]
             summary["eval_after"] = {k: after[f"eval/{k}"] for k in self.stage.headline if f"eval/{k}" in after}
@@ -256,5 +260,5 @@ def run_offline(cfg: RunConfig, log=print) -> dict:
     train, held = load_stage_data(cfg, stage, tokenizer, log)
     if stage is KTO and cfg.algorithm.mini_batch_size < 2:
         raise ValueError("KTO estimates its reference point from the batch: set algorithm.mini_batch_size >= 2")
-    with open_roles(cfg, log) as roles:
+    with RunLock(cfg.output_dir), open_roles(cfg, log) as roles:
         return OfflineRun(cfg, stage, roles.trainer, roles.reference, tokenizer.pad_token_id, train, held, log).fit()

@@ -8,31 +8,38 @@ step with that step's prompts; it composes the phases below and returns its metr
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Protocol
 
 from rlhf_cluster.cluster.actors import PolicyActor, RewardActor, RolloutActor, _TrainerShell
-from rlhf_cluster.cluster.groups import split_rows
+from rlhf_cluster.cluster.groups import ActorFailure, split_rows
 from rlhf_cluster.cluster.roles import Roles, open_roles
 from rlhf_cluster.cluster.weight_sync import sync_weights
 from rlhf_cluster.config import ConfigError, RunConfig, preflight, resolve_function
 from rlhf_cluster.data import DataReport, build_prompt_examples, load_rows
 from rlhf_cluster.drivers.common import (
+    CheckpointError,
     EpochSampler,
     MetricsSink,
+    RunLock,
     checkpoint_root,
+    clean_stale,
     commit_checkpoint,
     latest_checkpoint,
     load_driver_state,
     plot_curve,
+    prune_checkpoints,
     read_metrics,
+    resumable_checkpoint,
     rng_state,
     set_rng_state,
 )
 from rlhf_cluster.experience import Rollout, build_experience
 from rlhf_cluster.logs import Progress
 from rlhf_cluster.models import load_tokenizer
+from rlhf_cluster.stopping import STOP, Terminated
 from rlhf_cluster.workers.reward_sources import RewardInputs, required_fields
 
 
@@ -114,17 +121,32 @@ class RLRun:
         return [(name, self.roles.groups[name]) for name in self.step_fn.trained if name in self.roles.groups]
 
     def save_checkpoint(self) -> Path:
+        """Every trained role's DeepSpeed state, the policy as a model directory and the driver state, into
+        ``step_N.tmp``, then a manifest, then the rename; a failed save is removed and the previous one kept."""
+        s = self.cfg.schedule
         root = checkpoint_root(self.out)
         final = root / f"step_{self.step:06d}"
         tmp = root / f"step_{self.step:06d}.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        pending = [g.call(_TrainerShell.save_checkpoint, str(tmp / "deepspeed"), name, what="checkpoint save")
-                   for name, g in self._trained()]
-        pending.append(self.roles.policy.call(_TrainerShell.save_pretrained, str(tmp / "policy"), what="checkpoint save"))
-        for p in pending:
-            p.get()
-        commit_checkpoint(tmp, final, {"step": self.step, "sampler": self.sampler.state_dict(), **self.step_fn.state_dict(),
-                                       "rng": rng_state(), "weights_version": self.weights_version})
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            pending = [g.call(_TrainerShell.save_checkpoint, str(tmp / "deepspeed"), name, what="checkpoint save")
+                       for name, g in self._trained()]
+            pending.append(self.roles.policy.call(_TrainerShell.save_pretrained, str(tmp / "policy"), what="checkpoint save"))
+            for p in pending:
+                p.get()
+            commit_checkpoint(tmp, final, {"step": self.step, "sampler": self.sampler.state_dict(), **self.step_fn.state_dict(),
+                                           "rng": rng_state(), "weights_version": self.weights_version},
+                              checksums=s.checkpoint_checksums)
+        except (OSError, ActorFailure) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(root).free if root.exists() else 0
+            full = "No space left" in str(e) or "unexpected pos" in str(e) or free < 64 * 2**20
+            kept = latest_checkpoint(self.out)
+            why = f"the disk is full ({free / 2**20:.0f} MiB free)" if full else f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            raise CheckpointError(f"checkpoint {final} could not be written: {why}; the partial save was removed"
+                                  + (f" and {kept} is kept" if kept else "")) from None
+        for old in prune_checkpoints(self.out, s.save_total_limit):
+            self.log(f"removed {old} (schedule.save_total_limit={s.save_total_limit})")
         return final
 
     def load_checkpoint(self, ckpt: Path) -> None:
@@ -153,10 +175,11 @@ class RLRun:
 
     def fit(self, resume: bool = False) -> dict:
         cfg, s = self.cfg, self.cfg.schedule
+        clean_stale(self.out, self.log)
         if resume:
-            ckpt = latest_checkpoint(self.out)
+            ckpt = resumable_checkpoint(self.out, self.log)
             if ckpt is None:
-                raise FileNotFoundError(f"--resume: no checkpoint under {checkpoint_root(self.out)}")
+                raise CheckpointError(f"--resume: no checkpoint under {checkpoint_root(self.out)} can be resumed")
             self.load_checkpoint(ckpt)
             self.log(f"resumed from {ckpt} at step {self.step}")
         sink = MetricsSink(self.out, resume_step=self.step if resume else None)
@@ -177,8 +200,14 @@ class RLRun:
                     summary["sample_after"] = ev["eval/sample"]
                 sink.log(self.step, m)
                 bar.update(reward=f"{m['reward/mean']:+.3f}", gen_tps=f"{m['tps/generation']:.0f}")
+                saved = None
                 if (s.save_every and self.step % s.save_every == 0) or self.step == s.num_steps:
-                    self.save_checkpoint()
+                    saved = self.save_checkpoint()
+                if STOP.signum is not None:  # SIGTERM/SIGINT: stop between steps, resumable
+                    bar.close()
+                    if saved is None and STOP.checkpoint:
+                        saved = self.save_checkpoint()
+                    raise Terminated(STOP.signum, saved, self.step)
             bar.close()
         finally:
             sink.close()
@@ -227,9 +256,12 @@ def check_reward_fields(cfg: RunConfig, examples: list, report: DataReport) -> N
 def run_rl(cfg: RunConfig, step: Step, resume: bool = False, log=print) -> dict:
     """Validate, start the roles, train with ``step``, and shut down. Returns a summary dict."""
     preflight(cfg)
+    if resume and resumable_checkpoint(cfg.output_dir, log) is None:  # before any actor starts
+        raise CheckpointError(f"--resume: no checkpoint under {checkpoint_root(cfg.output_dir)} can be resumed "
+                              "(run without --resume to start afresh)")
     tokenizer = load_tokenizer(cfg.policy.model_name_or_path)
     train, held = load_prompts(cfg, tokenizer, log)
-    with open_roles(cfg, log) as roles:
+    with RunLock(cfg.output_dir), open_roles(cfg, log) as roles:
         run = RLRun(cfg, roles, tokenizer, train, held, step, log)
         summary = run.fit(resume=resume)
         summary["timeline"] = str(roles.save_timeline(Path(cfg.output_dir) / "timeline.json"))

@@ -226,10 +226,50 @@ class _DeepSpeedTrainer:
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"update_count": self.update_count})
 
     def load_checkpoint(self, ckpt_dir: str | Path, tag: str) -> None:
+        load_as_data(self.engine)
         _, client = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         if client is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {ckpt_dir}")
         self.update_count = client.get("update_count", 0)
+
+
+# The non-tensor objects DeepSpeed writes into its checkpoint files (ZeRO 0-3, fp32/bf16/fp16).
+CHECKPOINT_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                      "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds an object a data-only load refuses (it could run code when unpickled)."""
+
+
+def load_as_data(engine) -> None:
+    """Make DeepSpeed read its checkpoint files as tensors and plain data only.
+
+    DeepSpeed's loader unpickles with ``weights_only=False``, so a crafted file in a checkpoint
+    directory would run code on ``--resume``. Its own few classes (``CHECKPOINT_GLOBALS``) are
+    allowed by name; anything else is refused, naming the file and the object.
+    """
+    import importlib
+    import pickle
+
+    allowed = []
+    for dotted in CHECKPOINT_GLOBALS:
+        module, _, name = dotted.rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # not in this DeepSpeed version
+            pass
+
+    def load(path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0]
+            raise UnsafeCheckpointError(f"{path}: refused to load ({first}); checkpoints load as tensors and plain "
+                                        "data only — was this file written by rlhf_cluster?") from None
+
+    engine.checkpoint_engine.load = load
 
 
 def _uncount_state_materialising_step(engine) -> None:

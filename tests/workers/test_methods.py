@@ -206,3 +206,39 @@ def test_rl_with_a_reward_server_sends_each_row_its_dataset_fields(tiny_model_di
     for prompt, extra in rows:
         a, b = map(int, re.findall(r"\d+", prompt.split("larger")[1])[:2])
         assert extra == {"answer": str(max(a, b))}, (prompt, extra)
+
+
+def test_sigterm_checkpoints_between_steps_and_resume_matches_the_uninterrupted_run(ppo_run, tiny_model_dir, tmp_path):
+    """SIGTERM (what schedulers and preemption send) mid-run: the step finishes, a checkpoint is written, exit 143
+    with the resume command; `--resume` then reproduces the uninterrupted run's metrics from there on."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    full, _ = ppo_run
+    out = tmp_path / "run"
+    cli = [str(Path(sys.executable).parent / "rlhf-cluster"), "train", "configs/ppo_demo.yaml", "cluster.backend=local",
+           f"policy.model_name_or_path={tiny_model_dir}", f"output_dir={out}", "schedule.save_every=15"]
+    proc = subprocess.Popen(cli, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, (stdout[-2000:], stderr[-3000:])
+    step = int(re.search(r"stopped on SIGTERM at step (\d+)", stderr).group(1))
+    assert 5 <= step < 30 and f"checkpoint: {out / 'checkpoints' / f'step_{step:06d}'}" in stderr, stderr
+    assert "resume with: rlhf-cluster train configs/ppo_demo.yaml" in stderr and stderr.rstrip().endswith("--resume")
+    resumed = subprocess.run([*cli, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'step_{step:06d}'} at step {step}" in resumed.stdout
+    a, b = metrics(full), metrics(out)
+    assert [m["step"] for m in b] == [m["step"] for m in a]
+    for ma, mb in zip(a, b):
+        for k in ("reward/mean", "actor/pg_loss", "critic/loss"):
+            if k in ma:
+                assert mb[k] == pytest.approx(ma[k], rel=1e-4, abs=1e-5), (ma["step"], k)
