@@ -274,21 +274,21 @@ def _config(args) -> int:
     return 0
 
 
-def run_method(cfg, resume: bool = False) -> dict:
+def run_method(cfg, resume: bool = False, log=print) -> dict:
     """Dispatch on ``cfg.method`` to its driver loop."""
     if cfg.method == "ppo":
         from rlhf_cluster.drivers.ppo import run_ppo
 
-        return run_ppo(cfg, resume=resume)
+        return run_ppo(cfg, resume=resume, log=log)
     if cfg.method == "online_dpo":
         from rlhf_cluster.drivers.online_dpo import run_online_dpo
 
-        return run_online_dpo(cfg, resume=resume)
+        return run_online_dpo(cfg, resume=resume, log=log)
     if resume:
         raise ConfigError(f"--resume is supported for ppo and online_dpo runs; method={cfg.method} restarts from its inputs")
     from rlhf_cluster.drivers.offline import run_offline
 
-    return run_offline(cfg)
+    return run_offline(cfg, log=log)
 
 
 def print_summary(summary: dict) -> None:

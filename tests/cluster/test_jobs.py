@@ -114,7 +114,8 @@ def test_stop_leaves_no_actor_running_and_list_shows_both_jobs(head, project):
     assert "STOPPED" in cli("status", "stop-me", "--address", head.dashboard, cwd=root, env=env).stdout
     code = ("import ray; from ray.util.state import list_actors; "
             f"ray.init(address='{head.gcs}', logging_level='ERROR'); "
-            "print(len([a for a in list_actors(filters=[('state', '=', 'ALIVE')]) if a.class_name.endswith('Actor')]))")
+            f"alive = list_actors(address='{head.dashboard}', filters=[('state', '=', 'ALIVE')]); "
+            "print(len([a for a in alive if a.class_name.endswith('Actor')]))")
     deadline = time.time() + 60
     while True:
         left = subprocess.run([sys.executable, "-c", code], env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
