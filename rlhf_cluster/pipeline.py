@@ -117,8 +117,30 @@ def run_pipeline(stages: list[Stage], run_stage, log=print) -> dict:
 
     for st in stages:
         preflight(st.config, frozenset(st.produced_inputs))
+    check_stage_data(stages, log)
     results = {}
     for i, st in enumerate(stages, 1):
         log(f"\n=== stage {i}/{len(stages)}: {st.name} ({st.config.method}) -> {st.config.output_dir}")
         results[st.name] = run_stage(st.config)
     return results
+
+
+def check_stage_data(stages: list[Stage], log=print) -> None:
+    """Every stage's data read, checked row by row and tokenized now, before the first stage starts any actor, so
+    a bad row in the last stage's file does not surface after the first stages have trained. A stage whose model an
+    earlier stage writes is tokenized with the first stage's tokenizer (a pipeline carries its tokenizer along)."""
+    from rlhf_cluster.drivers.offline import load_stage_data, stage_for
+    from rlhf_cluster.drivers.rl import load_prompts
+    from rlhf_cluster.models import load_tokenizer
+
+    first = stages[0].config.policy.model_name_or_path
+    quiet = lambda _: None  # each stage reports its data again when it runs
+    for st in stages:
+        cfg = st.config
+        path = cfg.policy.model_name_or_path
+        tokenizer = load_tokenizer(first if path in st.produced_inputs else path)
+        if cfg.method in ("ppo", "online_dpo"):
+            load_prompts(cfg, tokenizer, quiet)
+        else:
+            load_stage_data(cfg, stage_for(cfg), tokenizer, quiet)
+    log(f"data of all {len(stages)} stages checked")

@@ -24,7 +24,7 @@ import torch
 from rlhf_cluster.cluster.actors import ReferenceActor, _TrainerShell
 from rlhf_cluster.cluster.groups import RoleGroup, mean_stats
 from rlhf_cluster.cluster.roles import open_roles
-from rlhf_cluster.config import RunConfig, preflight
+from rlhf_cluster.config import ConfigError, RunConfig, preflight
 from rlhf_cluster.data import (
     FeedbackExample,
     PreferenceExample,
@@ -126,7 +126,8 @@ def load_stage_data(cfg: RunConfig, stage: OfflineStage, tokenizer, log=print) -
     else:
         n = max(1, len(train) // 10)
         if len(train) < 2:
-            raise ValueError(f"{d.train_path}: need at least 2 examples to hold one out; or set data.eval_path")
+            raise ConfigError(f"{d.train_path} has {len(train)} example(s): with no data.eval_path one is held out for "
+                              "evaluation, so at least 2 are needed; add rows or set data.eval_path")
         train, held = train[:-n], train[-n:]
         log(f"no data.eval_path: holding out the last {n} of {len(train) + n} training examples for evaluation")
     if stage is KTO:  # fixed partners: example i's mismatched completion comes from example i+1

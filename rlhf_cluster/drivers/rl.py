@@ -40,7 +40,7 @@ from rlhf_cluster.experience import Rollout, build_experience
 from rlhf_cluster.logs import Progress
 from rlhf_cluster.models import load_tokenizer
 from rlhf_cluster.stopping import STOP, Terminated
-from rlhf_cluster.workers.reward_sources import RewardInputs, required_fields
+from rlhf_cluster.workers.reward_sources import FunctionReward, RewardError, RewardInputs, required_fields
 
 
 class Step(Protocol):
@@ -251,6 +251,18 @@ def check_reward_fields(cfg: RunConfig, examples: list, report: DataReport) -> N
                 f"reward.function={cfg.reward.function!r} takes the dataset field(s) {', '.join(map(repr, missing))}, "
                 f"but {report.unit} {ex.row} of {report.source} has none (its fields besides the prompt: "
                 f"{', '.join(map(repr, ex.extra)) or 'none'}); add the field to every row, or give the parameter a default")
+    # One call on the first row, with an empty response (a policy can emit EOS at once), before any actor starts:
+    # a function that raises or answers anything but one number per response is found now, not after start-up.
+    ex = examples[0]
+    try:
+        FunctionReward(cfg.reward.function, cfg.reward.code_dir).score(
+            RewardInputs(prompts=[ex.prompt_text], responses=[""], extras=[ex.extra]))
+    except RewardError as e:
+        raise ConfigError(f"{e} (tried on {report.unit} {ex.row} of {report.source} with an empty response)") from None
+    except Exception as e:
+        raise ConfigError(f"reward.function={cfg.reward.function!r} raised {type(e).__name__}: {e} when tried on "
+                          f"{report.unit} {ex.row} of {report.source} with an empty response; it must handle any "
+                          "response the policy may sample, the empty one included") from None
 
 
 def run_rl(cfg: RunConfig, step: Step, resume: bool = False, log=print) -> dict:

@@ -45,3 +45,33 @@ def test_pipeline_errors_are_named(tmp_path):
         load_pipeline(_write(tmp_path, {"stages": [{"name": "rm", "config": "configs/rm.yaml"},
                                                      {"name": "d", "config": "configs/dpo.yaml",
                                                       "overrides": {"policy.model_name_or_path": "${rm.policy}"}}]}))
+
+
+def test_a_bad_row_in_a_later_stage_is_found_before_the_first_stage_runs(tmp_path, tiny_model_dir):
+    from rlhf_cluster.data import DataError
+    from rlhf_cluster.pipeline import run_pipeline
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text('{"prompt": "a", "chosen": "good", "rejected": "bad"}\n{"prompt": "b", "chosen": "nice"}\n')
+    tree = {"output_dir": str(tmp_path / "out"), "stages": [
+        {"name": "sft", "config": os.path.abspath("configs/sft.yaml"), "overrides": {"policy.model_name_or_path": str(tiny_model_dir)}},
+        {"name": "dpo", "config": os.path.abspath("configs/dpo.yaml"),
+         "overrides": {"policy.model_name_or_path": "${sft.policy}", "data.train_path": str(prefs)}}]}
+    stages = load_pipeline(_write(tmp_path, tree))
+    ran = []
+    with pytest.raises(DataError, match=r"line 2 of .*prefs.jsonl: missing key 'rejected'"):
+        run_pipeline(stages, ran.append, log=lambda _: None)
+    assert ran == []  # no stage started
+
+
+def test_one_example_and_no_eval_file_is_a_named_error(tmp_path, tiny_model_dir):
+    from rlhf_cluster.config import load_config
+    from rlhf_cluster.drivers.offline import load_stage_data, stage_for
+    from rlhf_cluster.models import load_tokenizer
+
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"prompt": "a", "response": "b"}\n')
+    cfg = load_config("configs/sft.yaml", [f"policy.model_name_or_path={tiny_model_dir}", f"data.train_path={one}",
+                                           "data.eval_path=null"])
+    with pytest.raises(ConfigError, match=r"one.jsonl has 1 example\(s\).*add rows or set data.eval_path"):
+        load_stage_data(cfg, stage_for(cfg), load_tokenizer(str(tiny_model_dir)), log=lambda _: None)

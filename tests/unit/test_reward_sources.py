@@ -193,3 +193,22 @@ def test_reward_source_config_errors(reward, message, tmp_path):
 def test_no_reward_source_names_all_three(tmp_path):
     with pytest.raises(ValueError, match="reward.model_name_or_path.*reward.function.*reward.url"):
         RunConfig(policy={"model_name_or_path": "m"}, data={"train_path": "d"})
+
+
+@pytest.mark.parametrize("name, message", [
+    ("as_dict", r"reward function tried_rewards:as_dict must return one number per response .*got dict \(tried on line 1 "),
+    ("crashes", r"tried_rewards:crashes' raised IndexError: .* when tried on line 1 of .*d.jsonl with an empty response"),
+])
+def test_the_reward_function_is_tried_on_one_row_before_any_actor(tiny_model_dir, tmp_path, name, message):
+    from rlhf_cluster.drivers.rl import load_prompts
+    from rlhf_cluster.models import load_tokenizer
+
+    (tmp_path / "tried_rewards.py").write_text(
+        "def as_dict(prompts, responses):\n    return {r: 1.0 for r in responses}\n"
+        "def crashes(prompts, responses):\n    return [float(r[0] == 'a') for r in responses]\n")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1="}\n')
+    cfg = RunConfig(policy={"model_name_or_path": str(tiny_model_dir)}, data={"train_path": str(data)},
+                    reward={"function": f"tried_rewards:{name}", "code_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=message):
+        load_prompts(cfg, load_tokenizer(str(tiny_model_dir)), log=lambda _: None)
