@@ -357,6 +357,21 @@ class ScheduleConfig(_Strict):
     eval_prompts: int = Field(32, ge=1, description="Held-out prompts per evaluation.")
 
 
+class MonitorsConfig(_Strict):
+    """In-loop failure-mode monitors of the online methods (rlhf_cluster.quality.monitors); each compares a step
+    with the mean of the run's first ``warmup`` steps and logs a named warning (and ``monitor/NAME: 1`` in
+    metrics.jsonl) when it fires."""
+
+    warmup: int = Field(3, ge=1, description="Steps whose mean is each monitor's baseline.")
+    collapse_fraction: float = Field(0.5, gt=0, lt=1, description="mode_collapse: distinct-2 of the samples or the "
+                                     "policy entropy below this fraction of its start.")
+    max_kl_per_token: float = Field(1.0, gt=0, description="kl_blowup: KL(π‖π_ref) per token above this.")
+    max_length_corr: float = Field(0.8, gt=0, le=1, description="length_hacking: reward–length correlation above this...")
+    length_growth: float = Field(1.5, gt=1, description="...while the mean response length grew by this factor.")
+    stop_on: list[Literal["mode_collapse", "kl_blowup", "length_hacking"]] = Field(
+        default_factory=list, description="Monitors that stop the run (after a checkpoint) when they fire.")
+
+
 class ClusterConfig(_Strict):
     backend: Literal["ray", "local"] = Field(
         "ray", description="ray: every role in Ray actors (a local Ray by default, or the cluster at 'address'). local: "
@@ -387,8 +402,8 @@ _ONLINE_SCHEDULE = {f"schedule.{f}" for f in ("num_steps", "prompts_per_step", "
 # What each driver loop reads: whole sections, or single fields as "section.field".
 METHOD_READS: dict[str, set[str]] = {
     "ppo": {"seed", "output_dir", "method", "policy", "critic", "reference", "reward", "rollout", "data", "algorithm",
-            "cluster", *_ONLINE_SCHEDULE},
-    "online_dpo": {"seed", "output_dir", "method", "policy", "reference", "reward", "rollout", "data", "cluster",
+            "cluster", "monitors", *_ONLINE_SCHEDULE},
+    "online_dpo": {"seed", "output_dir", "method", "policy", "reference", "reward", "rollout", "data", "cluster", "monitors",
                    "algorithm.mini_batch_size", *_ONLINE_SCHEDULE,
                    *(f"preference.{f}" for f in ("loss", "beta", "loss_params", "steps_per_iteration"))},
     "dpo": {*_OFFLINE, "reference", *(f"preference.{f}" for f in ("loss", "beta", "loss_params", "kto_desirable_weight",
@@ -414,6 +429,7 @@ class RunConfig(_Strict):
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    monitors: MonitorsConfig = Field(default_factory=MonitorsConfig)
 
     @model_validator(mode="after")
     def _fields_the_method_reads(self) -> RunConfig:

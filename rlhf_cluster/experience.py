@@ -68,6 +68,7 @@ class Rollout:
     responses: list[str]
     extras: list[dict]
     weights_version: int
+    response_ids: list[list[int]]
     gen_tokens: int
     truncated_frac: float
 

@@ -39,8 +39,13 @@ from rlhf_cluster.drivers.common import (
 from rlhf_cluster.experience import Rollout, build_experience
 from rlhf_cluster.logs import Progress
 from rlhf_cluster.models import load_tokenizer
+from rlhf_cluster.quality.monitors import MonitorConfig, Monitors
 from rlhf_cluster.stopping import STOP, Terminated
 from rlhf_cluster.workers.reward_sources import FunctionReward, RewardError, RewardInputs, required_fields
+
+
+class MonitorStop(RuntimeError):
+    """A monitor listed in ``monitors.stop_on`` fired; the run stopped after a checkpoint."""
 
 
 class Step(Protocol):
@@ -68,6 +73,11 @@ class RLRun:
         self.step = 0
         self.weights_version = 0
         self.reward_needs_text = cfg.reward.kind != "model"
+        mc = cfg.monitors
+        self.firing: set[str] = set()
+        self.monitors = Monitors(MonitorConfig(warmup=mc.warmup, collapse_fraction=mc.collapse_fraction,
+                                               max_kl_per_token=mc.max_kl_per_token, max_length_corr=mc.max_length_corr,
+                                               length_growth=mc.length_growth))
 
     # ------------------------------------------------------------------ phases
     def generate(self, prompts: list, n: int, seed: int) -> Rollout:
@@ -90,6 +100,7 @@ class RLRun:
         return Rollout(exp, prompts=[p.prompt_text for p in prompts for _ in range(n)],
                        responses=self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True),
                        extras=[p.extra for p in prompts for _ in range(n)], weights_version=self.weights_version,
+                       response_ids=[s.response_ids for s in samples],
                        gen_tokens=sum(s["gen_tokens"] for _, s in results),
                        truncated_frac=sum(s.finish_reason == "length" for s in samples) / len(samples))
 
@@ -193,6 +204,12 @@ class RLRun:
             bar = Progress(s.num_steps, self.step, cfg.method, self.log)
             while self.step < s.num_steps:
                 m = self.train_step()
+                fired = self.monitors.check(m)
+                for name, message in fired.items():
+                    m[f"monitor/{name}"] = 1
+                    if name not in self.firing:  # said when it starts; metrics.jsonl marks every step it lasts
+                        self.log(f"warning: {name} at step {self.step}: {message}")
+                self.firing = set(fired)
                 if (s.eval_every and self.step % s.eval_every == 0) or self.step == s.num_steps:
                     ev = self.evaluate()
                     m.update({k: v for k, v in ev.items() if not isinstance(v, str)})
@@ -203,6 +220,12 @@ class RLRun:
                 saved = None
                 if (s.save_every and self.step % s.save_every == 0) or self.step == s.num_steps:
                     saved = self.save_checkpoint()
+                stop = sorted(set(fired) & set(cfg.monitors.stop_on))
+                if stop:
+                    bar.close()
+                    saved = saved or self.save_checkpoint()
+                    raise MonitorStop(f"stopped at step {self.step}: {', '.join(stop)} fired (monitors.stop_on); "
+                                      f"checkpoint {saved}. {fired[stop[0]]}")
                 if STOP.signum is not None:  # SIGTERM/SIGINT: stop between steps, resumable
                     bar.close()
                     if saved is None and STOP.checkpoint:

@@ -55,8 +55,11 @@ def test_ppo_raises_a_function_reward(ppo_run):
     last = metrics(out)[-1]
     for key in ("kl/ref_per_token", "actor/entropy", "actor/clipfrac", "actor/approx_kl", "actor/pg_loss", "critic/loss",
                 "critic/explained_var", "response/length_mean", "tps/generation", "tps/train_policy", "time/generation",
-                "time/scoring", "time/training", "time/sync", "time/other"):
+                "time/scoring", "time/training", "time/sync", "time/other", "rollout/logprob_mismatch",
+                "response/distinct_2", "reward/length_corr"):
         assert key in last, key
+    assert last["rollout/logprob_mismatch"] < 1e-3  # the engine samples from exactly the weights being trained
+    assert not [k for m in metrics(out) for k in m if k.startswith("monitor/")]  # the demo fires no monitor
 
 
 def test_resume_continues_exactly(ppo_run, tiny_model_dir):
@@ -242,3 +245,14 @@ def test_sigterm_checkpoints_between_steps_and_resume_matches_the_uninterrupted_
         for k in ("reward/mean", "actor/pg_loss", "critic/loss"):
             if k in ma:
                 assert mb[k] == pytest.approx(ma[k], rel=1e-4, abs=1e-5), (ma["step"], k)
+
+
+def test_a_monitor_in_stop_on_stops_the_run_after_a_checkpoint(tiny_model_dir, tmp_path):
+    from rlhf_cluster.drivers.rl import MonitorStop
+
+    cfg = config("grpo.yaml", tiny_model_dir, tmp_path, "monitors.max_kl_per_token=0.02", "monitors.stop_on=[kl_blowup]")
+    with pytest.raises(MonitorStop, match=r"stopped at step (\d+): kl_blowup fired \(monitors.stop_on\); checkpoint .*step_0000"):
+        run_method(cfg)
+    fired = [m["step"] for m in metrics(tmp_path) if m.get("monitor/kl_blowup")]
+    assert fired and fired[0] > 3, fired  # never during the warm-up steps
+    assert (tmp_path / "checkpoints" / f"step_{fired[0]:06d}" / "manifest.json").is_file()

@@ -1,0 +1,83 @@
+"""In-loop monitors for the online methods: per-step diversity and reward–length statistics, and named warnings
+when a run drifts into a known failure mode (pure: lists and tensors in, numbers and messages out).
+
+Each monitor compares a step's metrics with the run's own start (the mean of its first ``warmup`` steps), so
+the thresholds are relative and model-independent:
+
+- ``mode_collapse``: distinct-2 of the step's samples, or the policy entropy, below ``collapse_fraction`` of
+  its starting value;
+- ``kl_blowup``: KL(π‖π_ref) per token above ``max_kl_per_token``;
+- ``length_hacking``: the reward tracks response length (Pearson correlation above ``max_length_corr``) while
+  the mean length has grown by more than ``length_growth`` over the start — the reward is being earned by
+  writing more, the classic reward-model exploit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def distinct_n(sequences: list[list[int]], n: int) -> float:
+    """Distinct n-grams over all n-grams of the sequences (token ids); 1.0 when there are none."""
+    grams = [tuple(s[i:i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two (B,) tensors; 0.0 when either is constant."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = (x.square().sum() * y.square().sum()).sqrt()
+    return float((x * y).sum() / denom) if denom > 0 else 0.0
+
+
+def sample_stats(response_ids: list[list[int]], scores: torch.Tensor) -> dict:
+    """What the monitors read from one step's samples."""
+    lengths = torch.tensor([len(r) for r in response_ids], dtype=torch.float64)
+    return {"response/distinct_1": distinct_n(response_ids, 1), "response/distinct_2": distinct_n(response_ids, 2),
+            "reward/length_corr": pearson(scores, lengths)}
+
+
+@dataclass
+class MonitorConfig:
+    warmup: int = 3  # steps whose mean is the baseline
+    collapse_fraction: float = 0.5
+    max_kl_per_token: float = 1.0
+    max_length_corr: float = 0.8
+    length_growth: float = 1.5
+
+
+@dataclass
+class Monitors:
+    """Feed each step's metrics to ``check``; it returns the warnings that fire (``{name: message}``)."""
+
+    cfg: MonitorConfig = field(default_factory=MonitorConfig)
+    _start: list[dict] = field(default_factory=list)
+
+    def baseline(self, key: str) -> float | None:
+        vals = [m[key] for m in self._start if key in m]
+        return sum(vals) / len(vals) if vals else None
+
+    def check(self, m: dict) -> dict[str, str]:
+        c = self.cfg
+        if len(self._start) < c.warmup:
+            self._start.append(m)
+            return {}
+        fired: dict[str, str] = {}
+        for key in ("response/distinct_2", "actor/entropy"):
+            base = self.baseline(key)
+            if base and key in m and m[key] < c.collapse_fraction * base:
+                fired["mode_collapse"] = (f"{key} {m[key]:.3f} fell below {c.collapse_fraction:g} of its start ({base:.3f}): "
+                                          "the policy is converging on a few outputs")
+                break
+        kl = m.get("kl/ref_per_token")
+        if kl is not None and kl > c.max_kl_per_token:
+            fired["kl_blowup"] = (f"KL to the reference {kl:.3f} per token exceeds {c.max_kl_per_token:g}: raise "
+                                  "algorithm.kl_coef or lower the learning rate")
+        length, base_len, corr = m.get("response/length_mean"), self.baseline("response/length_mean"), m.get("reward/length_corr")
+        if None not in (length, base_len, corr) and base_len > 0 and corr > c.max_length_corr \
+                and length > c.length_growth * base_len:
+            fired["length_hacking"] = (f"reward follows length (correlation {corr:.2f}) while responses grew from "
+                                       f"{base_len:.1f} to {length:.1f} tokens: the reward is being earned by length")
+        return fired
