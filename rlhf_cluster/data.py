@@ -225,30 +225,17 @@ def _load_dataset_dir(p: Path, src: str) -> list[dict]:
 # ----------------------------------------------------------------------------- building
 
 
-class _Builder:
-    """Shared row checks, tokenization and truncation for the four builders."""
+class RowCursor:
+    """Walks rows remembering which one it is at, so every error names the file and the row (or line)."""
 
-    def __init__(self, rows, tokenizer, source, apply_chat_template, max_prompt_length,
-                 max_response_length=None, truncation="truncate", response=False):
-        if truncation not in ("truncate", "error"):
-            raise ValueError(f"truncation must be 'truncate' or 'error', got {truncation!r}")
-        limits = {"max_prompt_length": max_prompt_length, **({"max_response_length": max_response_length} if response else {})}
-        for name, limit in limits.items():
-            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-                raise ValueError(f"{name} must be a positive int, got {limit!r}")
-        self.rows, self.tok, self.chat, self.truncation = rows, tokenizer, apply_chat_template, truncation
+    fix_where = ""  # appended to "set data.OPTION" in a missing-column error
+
+    def __init__(self, rows, source: str | None = None):
+        self.rows = rows
         self.source = source or getattr(rows, "source", "<rows>")
         self.unit = getattr(rows, "unit", "row")
         numbers = getattr(rows, "numbers", None)
-        self.numbers = numbers if numbers is not None and len(numbers) == len(rows) else range(1, len(rows) + 1)
-        self.max_prompt, self.max_response = max_prompt_length, max_response_length
-        self.report = DataReport(self.source, len(rows), 0, 0, max_prompt_length, max_response_length if response else None,
-                                 self.unit)
-        if apply_chat_template and not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"{self.source}: the tokenizer has no chat template; set data.apply_chat_template=false")
-        self.eos = tokenizer.eos_token_id
-        if response and self.eos is None:
-            raise DataError(f"{self.source}: the tokenizer has no EOS token, which every response must end with")
+        self.numbers = list(numbers) if numbers is not None and len(numbers) == len(rows) else list(range(1, len(rows) + 1))
         self.n = None
 
     def __iter__(self):
@@ -261,14 +248,36 @@ class _Builder:
     def error(self, msg: str) -> DataError:
         return DataError(f"{self.unit} {self.n} of {self.source}: {msg}")
 
-    # -- fields
     def get(self, row: dict, key: str, option: str):
         value = row.get(key)
         if value is None:
             problem = f"{key!r} is null" if key in row else f"missing key {key!r}"
             raise self.error(f"{problem} (keys present: {', '.join(map(str, row)) or 'none'}); "
-                             f"rename the column or set data.{option}")
+                             f"rename the column or set data.{option}{self.fix_where}")
         return value
+
+
+class _Builder(RowCursor):
+    """Shared row checks, tokenization and truncation for the four builders."""
+
+    def __init__(self, rows, tokenizer, source, apply_chat_template, max_prompt_length,
+                 max_response_length=None, truncation="truncate", response=False):
+        if truncation not in ("truncate", "error"):
+            raise ValueError(f"truncation must be 'truncate' or 'error', got {truncation!r}")
+        limits = {"max_prompt_length": max_prompt_length, **({"max_response_length": max_response_length} if response else {})}
+        for name, limit in limits.items():
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                raise ValueError(f"{name} must be a positive int, got {limit!r}")
+        super().__init__(rows, source)
+        self.tok, self.chat, self.truncation = tokenizer, apply_chat_template, truncation
+        self.max_prompt, self.max_response = max_prompt_length, max_response_length
+        self.report = DataReport(self.source, len(rows), 0, 0, max_prompt_length, max_response_length if response else None,
+                                 self.unit)
+        if apply_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{self.source}: the tokenizer has no chat template; set data.apply_chat_template=false")
+        self.eos = tokenizer.eos_token_id
+        if response and self.eos is None:
+            raise DataError(f"{self.source}: the tokenizer has no EOS token, which every response must end with")
 
     def nonempty(self, text: str, key: str) -> str:
         if not text.strip():

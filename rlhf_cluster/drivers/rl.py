@@ -184,16 +184,14 @@ class RLRun:
         m["time/other"] = m["time/step"] - sum(v for k, v in m.items() if k.startswith("time/") and k not in ("time/step", "time/other"))
         return m
 
-    def fit(self, resume: bool = False) -> dict:
+    def fit(self, resume_from: Path | None = None) -> dict:
+        """Train to ``schedule.num_steps``, from step 0 or from a verified checkpoint ``resume_from``."""
         cfg, s = self.cfg, self.cfg.schedule
         clean_stale(self.out, self.log)
-        if resume:
-            ckpt = resumable_checkpoint(self.out, self.log)
-            if ckpt is None:
-                raise CheckpointError(f"--resume: no checkpoint under {checkpoint_root(self.out)} can be resumed")
-            self.load_checkpoint(ckpt)
-            self.log(f"resumed from {ckpt} at step {self.step}")
-        sink = MetricsSink(self.out, resume_step=self.step if resume else None)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+            self.log(f"resumed from {resume_from} at step {self.step}")
+        sink = MetricsSink(self.out, resume_step=self.step if resume_from is not None else None)
         summary: dict = {}
         try:
             if self.step == 0:
@@ -291,14 +289,15 @@ def check_reward_fields(cfg: RunConfig, examples: list, report: DataReport) -> N
 def run_rl(cfg: RunConfig, step: Step, resume: bool = False, log=print) -> dict:
     """Validate, start the roles, train with ``step``, and shut down. Returns a summary dict."""
     preflight(cfg)
-    if resume and resumable_checkpoint(cfg.output_dir, log) is None:  # before any actor starts
+    ckpt = resumable_checkpoint(cfg.output_dir, log) if resume else None  # verified once, before any actor starts
+    if resume and ckpt is None:
         raise CheckpointError(f"--resume: no checkpoint under {checkpoint_root(cfg.output_dir)} can be resumed "
                               "(run without --resume to start afresh)")
     tokenizer = load_tokenizer(cfg.policy.model_name_or_path)
     train, held = load_prompts(cfg, tokenizer, log)
     with RunLock(cfg.output_dir), open_roles(cfg, log) as roles:
         run = RLRun(cfg, roles, tokenizer, train, held, step, log)
-        summary = run.fit(resume=resume)
+        summary = run.fit(resume_from=ckpt)
         summary["timeline"] = str(roles.save_timeline(Path(cfg.output_dir) / "timeline.json"))
         return summary
 

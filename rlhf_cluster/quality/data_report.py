@@ -32,7 +32,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from rlhf_cluster.data import DataError, load_rows
+from rlhf_cluster.data import DataError, RowCursor, load_rows
 
 SHOW_ROWS = 5  # row numbers listed per flag
 EXAMPLES = 10  # examples (duplicate groups, openings, ...) kept per section
@@ -441,26 +441,14 @@ def _prompt_text(value) -> str:
     return value if isinstance(value, str) else "\n".join(m["content"] for m in value)
 
 
-class _Reader:
-    """Field access that fails like rlhf_cluster.data: a one-line DataError naming the row and the fix."""
+class _Reader(RowCursor):
+    """The training loader's row cursor (errors name the row and the fix), plus the report's field readers."""
+
+    fix_where = " in --config"
 
     def __init__(self, rows):
-        self.source = getattr(rows, "source", "<rows>")
-        self.unit = getattr(rows, "unit", "row")
-        numbers = getattr(rows, "numbers", None)
-        self.numbers = list(numbers) if numbers is not None and len(numbers) == len(rows) else list(range(1, len(rows) + 1))
+        super().__init__(rows)
         self.n = 0
-
-    def error(self, msg: str) -> DataError:
-        return DataError(f"{self.unit} {self.n} of {self.source}: {msg}")
-
-    def get(self, row: dict, key: str, option: str):
-        value = row.get(key)
-        if value is None:
-            problem = f"{key!r} is null" if key in row else f"missing key {key!r}"
-            raise self.error(f"{problem} (keys present: {', '.join(map(str, row)) or 'none'}); "
-                             f"rename the column or set data.{option} in --config")
-        return value
 
     def messages(self, value, key: str) -> list[dict]:
         if not isinstance(value, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
