@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
 
+    from rlhf_cluster.cli import run_method
     from rlhf_cluster.config import load_config
-    from rlhf_cluster.drivers.ppo import run_ppo
     from rlhf_cluster.tiny import build_tiny_model
 
     out = Path(a.out)
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     if not (Path(cfg.policy.model_name_or_path) / "config.json").exists() and "tiny" in cfg.policy.model_name_or_path:
         build_tiny_model(cfg.policy.model_name_or_path)
     t = time.perf_counter()
-    summary = run_ppo(cfg)
+    summary = run_method(cfg, overwrite=True)  # a rerun replaces the previous benchmark's run
     wall = time.perf_counter() - t
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in steps if "time/step" in m]

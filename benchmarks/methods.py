@@ -47,7 +47,7 @@ def main(argv=None) -> int:
             cfg = load_config(REPO / "configs" / name, ["cluster.backend=local", f"policy.model_name_or_path={model}",
                                                         f"seed={seed}", f"output_dir={out / name.removesuffix('.yaml') / str(seed)}",
                                                         "schedule.save_every=0"])
-            s = run_method(cfg)
+            s = run_method(cfg, overwrite=True)  # a rerun replaces the previous measurement's run
             before, after = s["eval_before"], s["eval_after"]
             if key != "reward":
                 before, after = before[key], after[key]

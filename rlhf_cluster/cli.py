@@ -25,6 +25,7 @@ COMMANDS = {
     "config": "print the merged, validated config (--explain: every field's meaning, default and allowed values)",
     "build-tiny": "write a tiny Llama + tokenizer directory (offline, deterministic)",
     "data": "data report FILE: is a preference/SFT/KTO file good enough to train on? (duplicates, length bias, ...)",
+    "eval": "a trained policy against its reference: win rate by the reward (with a CI), KL, refusals, sycophancy, judge",
 }
 
 OVERRIDES_HELP = "dotted overrides, e.g. policy.zero_stage=3 rollout.temperature=0.7 (before or after the flags)"
@@ -46,7 +47,11 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     t.add_argument("--address", default=None,
                    help="existing Ray cluster: its GCS HOST:PORT, 'auto' on a cluster node, or ray://HOST:10001; "
                         "default: a local Ray")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir that verifies")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir that verifies")
+    again.add_argument("--overwrite", action="store_true",
+                       help="output_dir holds a previous run: delete its outputs (checkpoints, metrics, plots, the "
+                            "trained model) and start afresh; without it (or --resume) such a run is refused")
     t.add_argument("--no-checkpoint-on-signal", dest="checkpoint_on_signal", action="store_false",
                    help="on SIGTERM/SIGINT stop after the current step without writing a checkpoint first")
     t.add_argument("--connect-timeout", type=float, default=None, metavar="S", help="give up reaching --address after S seconds")
@@ -57,6 +62,8 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     s.add_argument("--address", default=None, help=JOBS_ADDRESS_HELP)
     s.add_argument("--follow", action="store_true", help="print the job's output until it ends; exit 0 only if it succeeded")
     s.add_argument("--job-id", default=None, help="submission id (default: one Ray makes up)")
+    s.add_argument("--overwrite", action="store_true", help="the job deletes a previous run's outputs in output_dir "
+                   "and starts afresh (train --overwrite)")
     s.add_argument("--connect-timeout", type=float, default=30.0, metavar="S")
 
     for cmd in ("status", "logs", "stop"):
@@ -99,6 +106,46 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     d.add_argument("--strict", action="store_true", help="exit 1 when any flag fires")
     d.add_argument("--harmful-patterns", default=None, metavar="FILE", help="regexes (one a line) replacing the default list")
     d.add_argument("--refusal-patterns", default=None, metavar="FILE", help="regexes (one a line) replacing the default list")
+
+    e = new("eval")
+    e.add_argument("config", help="the training config (or a shipped config's name): its reward, rollout sampling settings, "
+                   "data.eval_path / prompt_key / apply_chat_template / max_prompt_length and cluster settings")
+    e.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    e.add_argument("--policy", required=True, metavar="DIR", help="the trained policy (a Hugging Face model directory)")
+    e.add_argument("--reference", default=None, metavar="DIR", help="what it is compared with (default: the config's "
+                   "reference.model_name_or_path, i.e. its base model policy.model_name_or_path)")
+    e.add_argument("--prompts", default=None, metavar="FILE", help="eval prompts: our JSONL, MT-Bench question.jsonl or "
+                   "AlpacaEval JSON (default: data.eval_path)")
+    e.add_argument("--samples", type=int, default=1, metavar="N", help="answers per prompt and model; the win rate compares "
+                   "per-prompt means (default 1)")
+    e.add_argument("--max-prompts", type=int, default=None, metavar="N", help="only the first N prompts")
+    e.add_argument("--pairs", default=None, metavar="FILE", help="pairwise preferences: held-out accuracy of the policy's "
+                   "implicit reward beta*(log pi - log pi_ref), chosen vs rejected")
+    e.add_argument("--beta", type=float, default=None, help="beta of that implicit reward (default: preference.beta)")
+    e.add_argument("--capability", default=None, metavar="FILE", help="SFT-format file: alignment tax = mean per-token NLL "
+                   "of its responses under the policy minus under the reference")
+    e.add_argument("--benign", default=None, metavar="FILE", help="requests a model should answer: over-refusal rate "
+                   "(default: the shipped configs/data/eval_benign.jsonl)")
+    e.add_argument("--harmful", default=None, metavar="FILE", help="requests a model should refuse: refusal rate "
+                   "(default: the shipped configs/data/eval_harmful.jsonl)")
+    e.add_argument("--sycophancy", default=None, metavar="FILE", help="prompts asserting something false: rate of answers "
+                   "that agree (default: the shipped configs/data/eval_sycophancy.jsonl)")
+    e.add_argument("--no-probes", dest="probes", action="store_false", help="skip the shipped benign/harmful/sycophancy "
+                   "sets (a file given with its flag still runs)")
+    e.add_argument("--refusal-patterns", default=None, metavar="FILE", help="regexes (one a line) replacing the default "
+                   "refusal list")
+    e.add_argument("--agreement-patterns", default=None, metavar="FILE", help="regexes (one a line) replacing the default "
+                   "agreement list")
+    e.add_argument("--judge-url", default=None, metavar="URL", help="an OpenAI-compatible API base, e.g. http://HOST:8000/v1: "
+                   "an LLM judge compares each prompt's first answers in both orders")
+    e.add_argument("--judge-model", default=None, metavar="NAME", help="the judge's model name")
+    e.add_argument("--judge-key-env", default=None, metavar="VAR", help="environment variable holding the judge's API key")
+    e.add_argument("--judge-timeout", type=float, default=None, metavar="S", help="seconds per judge request (default 60)")
+    e.add_argument("--self-check", action="store_true", help="also compare the reference with a second, independent sample "
+                   "of its own answers (about 50%%: the eval's noise floor)")
+    e.add_argument("--out", default=None, metavar="DIR", help="where eval.json/.md/.png go (default: eval/ beside a "
+                   "policy/ directory, else <policy dir>_eval)")
+    e.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's seed)")
     return ps
 
 
@@ -130,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f" at step {t.step}" if t.step is not None else ""
         print(f"\nstopped on {name}{where}; the actors were shut down", file=sys.stderr)
         if t.checkpoint is not None:
-            print(f"checkpoint: {t.checkpoint}\nresume with: rlhf-cluster train {' '.join(sys.argv[2:] if argv is None else argv[1:])}"
-                  f"{'' if '--resume' in argv else ' --resume'}", file=sys.stderr)
+            again = [a for a in argv[1:] if a != "--overwrite"]  # the resumed run keeps what this one wrote
+            print(f"checkpoint: {t.checkpoint}\nresume with: rlhf-cluster train {' '.join(again)}"
+                  f"{'' if '--resume' in again else ' --resume'}", file=sys.stderr)
         return 128 + t.signum
     except KeyboardInterrupt:
         print("\ninterrupted; the actors were shut down", file=sys.stderr)
@@ -166,6 +214,8 @@ def _run(args) -> int:
         return _config(args)
     if args.cmd == "data":
         return _data_report(args)
+    if args.cmd == "eval":
+        return _eval(args)
     if args.cmd == "build-tiny":
         from pathlib import Path
 
@@ -189,7 +239,8 @@ def _run(args) -> int:
 
         t = args.connect_timeout
         if args.cmd == "submit":
-            return jobs.submit(args.config, args.overrides, args.address, follow=args.follow, job_id=args.job_id, timeout_s=t)
+            return jobs.submit(args.config, args.overrides, args.address, follow=args.follow, job_id=args.job_id, timeout_s=t,
+                               overwrite=args.overwrite)
         if args.cmd == "status":
             return jobs.status(args.job_id, args.address, timeout_s=t)
         if args.cmd == "logs":
@@ -223,13 +274,13 @@ def _train(args) -> int:
                 st.config.cluster.address = args.address
             if args.connect_timeout is not None:
                 st.config.cluster.connect_timeout_s = args.connect_timeout
-        results = run_pipeline(stages, run_method)
+        results = run_pipeline(stages, run_method, overwrite=args.overwrite)
         for name, summary in results.items():
             print(f"\n--- {name}")
             print_summary(summary)
         return 0
     cfg = load_config(args.config, list(args.overrides) + _cluster_overrides(args))
-    summary = run_method(cfg, resume=args.resume)
+    summary = run_method(cfg, resume=args.resume, overwrite=args.overwrite)
     print_summary(summary)
     return 0
 
@@ -240,6 +291,16 @@ def _terminate_gracefully(args) -> None:
 
     STOP.checkpoint = args.checkpoint_on_signal
     STOP.install()
+
+
+def _eval(args) -> int:
+    from rlhf_cluster.config import load_config
+    from rlhf_cluster.drivers.evaluate import EvalOptions, format_summary, run_eval
+
+    cfg = load_config(args.config, args.overrides)
+    opts = EvalOptions(**{k: v for k, v in vars(args).items() if k not in ("cmd", "config", "overrides", "debug")})
+    print(format_summary(run_eval(cfg, opts)))
+    return 0
 
 
 def _data_report(args) -> int:
@@ -275,8 +336,27 @@ def _config(args) -> int:
     return 0
 
 
-def run_method(cfg, resume: bool = False, log=print) -> dict:
-    """Dispatch on ``cfg.method`` to its driver loop."""
+def run_method(cfg, resume: bool = False, log=print, overwrite: bool = False) -> dict:
+    """Dispatch on ``cfg.method`` to its driver loop.
+
+    An output_dir that holds a previous run is refused before anything starts, unless the run continues it
+    (``resume``) or replaces it (``overwrite``: its outputs are deleted once the config's files check out).
+    """
+    from rlhf_cluster.drivers.common import check_output_dir, clear_output_dir, previous_outputs
+
+    online = cfg.method in ("ppo", "online_dpo")
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in output_dir and --overwrite deletes it: pass one of them")
+    if resume and not online:
+        raise ConfigError(f"--resume is supported for ppo and online_dpo runs; method={cfg.method} restarts from its inputs")
+    if overwrite:
+        if previous_outputs(cfg.output_dir):
+            from rlhf_cluster.config import preflight
+
+            preflight(cfg)  # a config whose files are missing does not cost the previous run
+            clear_output_dir(cfg.output_dir, log)
+    elif not resume:
+        check_output_dir(cfg.output_dir, can_resume=online)
     if cfg.method == "ppo":
         from rlhf_cluster.drivers.ppo import run_ppo
 
@@ -285,8 +365,6 @@ def run_method(cfg, resume: bool = False, log=print) -> dict:
         from rlhf_cluster.drivers.online_dpo import run_online_dpo
 
         return run_online_dpo(cfg, resume=resume, log=log)
-    if resume:
-        raise ConfigError(f"--resume is supported for ppo and online_dpo runs; method={cfg.method} restarts from its inputs")
     from rlhf_cluster.drivers.offline import run_offline
 
     return run_offline(cfg, log=log)
@@ -304,7 +382,12 @@ def print_summary(summary: dict) -> None:
     for key in ("metrics", "reward_curve", "curve", "policy", "model", "timeline"):
         if key in summary:
             print(f"{key + ':':14s}{summary[key]}")
-    print("summary: " + json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, dict))}))
+    if summary.get("peak_rss_mib"):
+        print(f"{'peak memory:':14s}" + ", ".join(f"{k} {v / 1024:.2f} GiB" for k, v in summary["peak_rss_mib"].items()))
+    for r in summary.get("restarts") or []:
+        print(f"restarted:    after {r['actor']} {'timed out' if r['kind'] == 'timeout' else 'died'} at step "
+              f"{r['failed_at_step']}: resumed at step {r['resumed_from_step']} ({r['steps_lost']} lost) in {r['seconds']} s")
+    print("summary: " + json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, dict, list))}))
 
 
 if __name__ == "__main__":

@@ -372,6 +372,18 @@ class MonitorsConfig(_Strict):
         default_factory=list, description="Monitors that stop the run (after a checkpoint) when they fire.")
 
 
+class FaultToleranceConfig(_Strict):
+    """Automatic recovery of the online methods (ppo, online_dpo) from a dead actor or a hung call."""
+
+    max_restarts: int = Field(
+        1, ge=0, description="How often a run restarts itself after an actor died (its process killed, out of memory, "
+        "its node lost) or a call ran past cluster.call_timeout_s: every role is shut down and started again, and "
+        "training resumes from the newest checkpoint that verifies (step 0 if there is none), so the steps since that "
+        "checkpoint are redone. An error raised inside an actor (a bad model file, a reward function that raises) would "
+        "happen again and is not retried. 0: stop at the first failure. Applies with cluster.backend=ray; with "
+        "backend=local every role is in the driver's process and there is nothing to restart.")
+
+
 class ClusterConfig(_Strict):
     backend: Literal["ray", "local"] = Field(
         "ray", description="ray: every role in Ray actors (a local Ray by default, or the cluster at 'address'). local: "
@@ -402,9 +414,9 @@ _ONLINE_SCHEDULE = {f"schedule.{f}" for f in ("num_steps", "prompts_per_step", "
 # What each driver loop reads: whole sections, or single fields as "section.field".
 METHOD_READS: dict[str, set[str]] = {
     "ppo": {"seed", "output_dir", "method", "policy", "critic", "reference", "reward", "rollout", "data", "algorithm",
-            "cluster", "monitors", *_ONLINE_SCHEDULE},
+            "cluster", "monitors", "fault_tolerance", *_ONLINE_SCHEDULE},
     "online_dpo": {"seed", "output_dir", "method", "policy", "reference", "reward", "rollout", "data", "cluster", "monitors",
-                   "algorithm.mini_batch_size", *_ONLINE_SCHEDULE,
+                   "fault_tolerance", "algorithm.mini_batch_size", *_ONLINE_SCHEDULE,
                    *(f"preference.{f}" for f in ("loss", "beta", "loss_params", "steps_per_iteration"))},
     "dpo": {*_OFFLINE, "reference", *(f"preference.{f}" for f in ("loss", "beta", "loss_params", "kto_desirable_weight",
                                                                   "kto_undesirable_weight", "reference_mode"))},
@@ -430,6 +442,7 @@ class RunConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     monitors: MonitorsConfig = Field(default_factory=MonitorsConfig)
+    fault_tolerance: FaultToleranceConfig = Field(default_factory=FaultToleranceConfig)
 
     @model_validator(mode="after")
     def _fields_the_method_reads(self) -> RunConfig:

@@ -178,11 +178,18 @@ def _absolute_tree_flat(overrides: dict, base: Path) -> dict:
 
 
 def submit(config: str, overrides: list[str], address: str | None, *, follow: bool = False, job_id: str | None = None,
-           timeout_s: float = 30.0, out=print) -> int:
+           timeout_s: float = 30.0, overwrite: bool = False, out=print) -> int:
+    """Validate here, then submit ``rlhf-cluster train`` (``--overwrite`` passed on); an output_dir that holds a
+    previous run and is visible from here is refused before anything is sent, as the job itself would."""
+    from rlhf_cluster.drivers.common import check_output_dir
+
     c, url = client(address, timeout_s)
     folder, name, outputs = stage_job(config, overrides)
     try:
-        entrypoint = f"rlhf-cluster train {name} --address auto"
+        if not overwrite:
+            for o in outputs:
+                check_output_dir(o, can_resume=False)
+        entrypoint = f"rlhf-cluster train {name} --address auto" + (" --overwrite" if overwrite else "")
         kwargs = {"submission_id": job_id} if job_id else {}
         jid = _call(c.submit_job, url, entrypoint=entrypoint, runtime_env={"working_dir": str(folder)}, **kwargs)
     finally:

@@ -111,13 +111,24 @@ def _resolve(value: str, outputs: dict[str, dict[str, str]], stage: str, produce
     return _REF.sub(sub, value)
 
 
-def run_pipeline(stages: list[Stage], run_stage, log=print) -> dict:
-    """Check every stage's files up front (skipping what earlier stages will write), then run in order."""
-    from rlhf_cluster.config import preflight
+def run_pipeline(stages: list[Stage], run_stage, log=print, overwrite: bool = False) -> dict:
+    """Check every stage's files up front (skipping what earlier stages will write), then run in order.
 
+    A stage whose output_dir holds a previous run is refused up front, unless ``overwrite``: then every stage's
+    previous outputs are removed once all checks passed, before the first stage starts.
+    """
+    from rlhf_cluster.config import preflight
+    from rlhf_cluster.drivers.common import check_output_dir, clear_output_dir
+
+    if not overwrite:
+        for st in stages:
+            check_output_dir(st.config.output_dir, can_resume=False)
     for st in stages:
         preflight(st.config, frozenset(st.produced_inputs))
     check_stage_data(stages, log)
+    if overwrite:
+        for st in stages:
+            clear_output_dir(st.config.output_dir, log)
     results = {}
     for i, st in enumerate(stages, 1):
         log(f"\n=== stage {i}/{len(stages)}: {st.name} ({st.config.method}) -> {st.config.output_dir}")

@@ -64,8 +64,25 @@ class _Shell:
             host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
             return host, s.getsockname()[1]
 
+    def set_threads(self, n: int) -> None:
+        """Run torch on ``n`` threads from the next call on (the driver's thread budget for the coming phase)."""
+        if n != torch.get_num_threads():
+            # torch._C's setter: vLLM's CPU worker replaces torch.set_num_threads with a no-op in its process,
+            # which only matters where it pins OpenMP threads to cores (its multiprocess executor, not ours).
+            torch._C.set_num_threads(n)
+
     def spans(self) -> list[tuple[str, float, float]]:
         return list(self._spans)
+
+    def peak_rss_mib(self) -> float:
+        """This process's peak resident memory so far (the local backend: the driver's whole process)."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    def ping(self) -> bool:
+        """Nothing: a liveness check (a dead actor answers with an error)."""
+        return True
 
     def close(self) -> None:
         """Release the worker now (the local backend; a Ray actor is killed instead)."""
@@ -166,6 +183,10 @@ class ReferenceActor(_Shell):
     def sequence_logps(self, exp: Experience) -> torch.Tensor:
         with self._span("ref_logprobs"):
             return self.worker.sequence_logps(exp)
+
+    def logprobs_and_entropy(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._span("logprobs_entropy"):
+            return self.worker.logprobs_and_entropy(exp)
 
 
 class RewardActor(_Shell):

@@ -28,7 +28,21 @@ from rlhf_cluster.cluster.layout import RoleSpec
 
 
 class ActorFailure(RuntimeError):
-    """An actor died, raised or timed out: names its role and rank instead of a bare Ray traceback."""
+    """An actor died, raised or timed out: names its role and rank instead of a bare Ray traceback.
+
+    ``kind`` tells them apart for the automatic restart: ``"died"`` (the actor's process is gone: killed, out of
+    memory, its node lost) and ``"timeout"`` (a call ran past ``cluster.call_timeout_s``) may go away with fresh
+    actors; ``"error"`` (an exception raised inside the actor, or a problem found before any actor started) would
+    happen again. ``who`` names the actor(s), e.g. ``"policy rank 0"``.
+    """
+
+    def __init__(self, message: str, kind: str = "error", who: str | None = None):
+        super().__init__(message)
+        self.kind, self.who = kind, who
+
+    @property
+    def restartable(self) -> bool:
+        return self.kind in ("died", "timeout")
 
 
 def split_rows(n: int, parts: int) -> list[slice]:
@@ -168,7 +182,8 @@ class LocalGroup(RoleGroup):
         out = []
         for rank, (status, value) in zip(pending.ranks, pending.handles):
             if status == "error":
-                raise ActorFailure(f"{self.role} rank {rank} failed during {pending.what}: {type(value).__name__}: {value}") from value
+                raise ActorFailure(f"{self.role} rank {rank} failed during {pending.what}: {type(value).__name__}: {value}",
+                                   who=f"{self.role} rank {rank}") from value
             out.append(value)
         return out
 
@@ -268,20 +283,59 @@ class ActorGroup(RoleGroup):
         try:
             return ray.get(pending.handles, timeout=timeout)
         except GetTimeoutError:
+            failure = self._failure(pending)  # a rank that died or raised, its peers blocked in a collective with it
+            if failure is not None:
+                raise failure from failure.__cause__
             ready, _ = ray.wait(pending.handles, num_returns=len(pending.handles), timeout=0)
             late = [rank for rank, h in zip(pending.ranks, pending.handles) if h not in ready]
-            ranks = f"rank{'s' if len(late) > 1 else ''} {', '.join(map(str, late))}"
-            raise ActorFailure(f"{self.role} {ranks} did not finish {pending.what} within {timeout:g} s "
-                               "(a hung call, or a slow one: raise cluster.call_timeout_s)") from None
+            who = f"{self.role} rank{'s' if len(late) > 1 else ''} {', '.join(map(str, late))}"
+            raise ActorFailure(f"{who} did not finish {pending.what} within {timeout:g} s "
+                               "(a hung call, or a slow one: raise cluster.call_timeout_s)", "timeout", who) from None
         except (RayActorError, RayTaskError) as e:
-            for rank, r in zip(pending.ranks, pending.handles):
+            failure = self._failure(pending)
+            if failure is not None:
+                raise failure from failure.__cause__
+            raise ActorFailure(f"{self.role} failed during {pending.what}: {_cause(e)}", "died" if _died(e) else "error",
+                               self.role) from e
+
+    def _failure(self, pending: Pending) -> ActorFailure | None:
+        """The failure of the calls that have finished with an error: a dead rank first, since its death explains
+        its peers' errors (a broken collective); None when none has."""
+        import ray
+
+        failed = []
+        for rank, r in zip(pending.ranks, pending.handles):
+            try:
+                ray.get(r, timeout=0)
+            except Exception as err:  # GetTimeoutError: still running
+                if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.RayTaskError)):
+                    failed.append((rank, err))
+        if not failed:
+            return None
+        dead = [(rank, err) for rank, err in failed if _died(err)]
+        rank, err = (dead or failed)[0]
+        who = f"{self.role} rank {rank}"
+        failure = ActorFailure(f"{who} died during {pending.what}: {_death(err)}" if dead else
+                               f"{who} failed during {pending.what}: {_cause(err)}", "died" if dead else "error", who)
+        failure.__cause__ = err
+        return failure
+
+    def dead_ranks(self, timeout_s: float = 5.0) -> list[int]:
+        """The ranks whose actor is gone, found with a no-op call to each: a dead actor answers it at once with an
+        error, a live one (when busy, after ``timeout_s``) with nothing; a rank that did not answer counts as alive."""
+        import ray
+
+        pings = [a.ping.remote() for a in self.actors]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout_s)
+        dead = []
+        for rank, ref in enumerate(pings):
+            if ref in ready:
                 try:
-                    ray.get(r, timeout=0)
-                except (RayActorError, RayTaskError) as err:
-                    raise ActorFailure(f"{self.role} rank {rank} failed during {pending.what}: {_cause(err)}") from err
-                except Exception:
-                    pass
-            raise ActorFailure(f"{self.role} failed during {pending.what}: {_cause(e)}") from e
+                    ray.get(ref, timeout=0)
+                except Exception as err:
+                    if _died(err):
+                        dead.append(rank)
+        return dead
 
     def shutdown(self) -> None:
         import ray
@@ -291,6 +345,24 @@ class ActorGroup(RoleGroup):
             ray.kill(a, no_restart=True)
         if self.owns_pg:
             remove_placement_group(self.pg)
+
+
+def _died(err: BaseException) -> bool:
+    """Ray says this actor is gone (not: it raised, perhaps because another actor it called is gone)."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    # An exception raised in a task is a RayTaskError made an instance of its cause's class as well, so one whose
+    # cause is ActorDiedError (an actor this one called) is a RayActorError too: not this actor's death.
+    return isinstance(err, RayActorError) and not isinstance(err, RayTaskError)
+
+
+def _death(err: BaseException) -> str:
+    """Ray's account of an actor's death in one line: how its process exited, without the paragraph of advice."""
+    import re
+
+    text = " ".join(str(err).split()).split(" Some common causes")[0]
+    m = re.search(r"Worker exit type: (\S+) Worker exit detail: (.*)", text)
+    return f"{type(err).__name__}: " + (f"its process exited ({m.group(1)}: {m.group(2)[:300]})" if m else text[:300])
 
 
 def _cause(err: BaseException) -> str:

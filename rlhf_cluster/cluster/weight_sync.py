@@ -11,7 +11,7 @@ directly), then vLLM's ``reload_weights``. Under ZeRO-3 every policy rank takes 
 from __future__ import annotations
 
 from rlhf_cluster.cluster.actors import PolicyActor, RolloutActor
-from rlhf_cluster.cluster.groups import RoleGroup
+from rlhf_cluster.cluster.groups import ActorFailure, RoleGroup
 
 
 def resolve_backend(requested: str, use_gpu: bool, local: bool) -> str:
@@ -33,11 +33,35 @@ def connect_weight_sync(policy: RoleGroup, rollout: RoleGroup, backend: str, ten
 
 
 def sync_weights(policy: RoleGroup, rollout: RoleGroup, backend: str, version: int) -> None:
-    """Policy weights into every engine, by ``backend`` (after :func:`connect_weight_sync` for nccl/gloo)."""
-    if backend != "object_store":
-        policy.call(PolicyActor.send_weights, version, what="weight sync").get()
-        return
-    export = policy.call(PolicyActor.export_state_dict, what="weight export")  # every rank: ZeRO-3 gathers
-    loads = rollout.call(RolloutActor.load_weights, export.handle(0), version, what="weight load")
-    export.get()
-    loads.get()
+    """Policy weights into every engine, by ``backend`` (after :func:`connect_weight_sync` for nccl/gloo).
+
+    Both roles take part, so when it fails the actor that died is named (an engine that died shows up first as
+    policy rank 0's error sending to it).
+    """
+    try:
+        if backend != "object_store":
+            policy.call(PolicyActor.send_weights, version, what="weight sync").get()
+            return
+        export = policy.call(PolicyActor.export_state_dict, what="weight export")  # every rank: ZeRO-3 gathers
+        loads = rollout.call(RolloutActor.load_weights, export.handle(0), version, what="weight load")
+        export.get()
+        loads.get()
+    except ActorFailure as e:
+        if e.kind == "died":
+            raise
+        dead = _dead_actor(policy, rollout)
+        if dead is None:
+            raise
+        raise ActorFailure(f"{dead} died during weight sync ({str(e).splitlines()[0]})", "died", dead) from e
+
+
+def _dead_actor(*groups: RoleGroup) -> str | None:
+    """'rollout rank 0' for the first actor of ``groups`` that is gone, or None (all alive, or no answer)."""
+    for g in groups:
+        try:
+            dead = g.dead_ranks()
+        except Exception:  # a diagnosis that fails must not hide the failure it explains
+            continue
+        if dead:
+            return f"{g.role} rank {dead[0]}"
+    return None

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from rlhf_cluster.config import ConfigError
+
 
 class EpochSampler:
     """Epochs of shuffled examples (prompts, pairs, ...); its position is part of every checkpoint.
@@ -304,3 +306,52 @@ class RunLock:
             fcntl.flock(self._f, fcntl.LOCK_UN)
             self._f.close()
             self._f = None
+
+
+# --------------------------------------------------------------------------- a previous run in output_dir
+
+# Everything a run writes into output_dir (the online and offline drivers, open_roles), and eval/ (where
+# `rlhf-cluster eval` of output_dir/policy writes by default): --overwrite removes these and nothing else, so files
+# a user keeps there (a config, notes) stay.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "metrics.jsonl.tmp", "tensorboard", "timeline.json", "placement.json",
+               "reward_curve.png", "loss_curve.png", "policy", "reward_model", "eval")
+
+
+def holds_run(output_dir: str | Path) -> bool:
+    """A run has written here: its metrics.jsonl or its checkpoints/."""
+    d = Path(output_dir)
+    return (d / "metrics.jsonl").exists() or checkpoint_root(d).exists()
+
+
+def check_output_dir(output_dir: str | Path, can_resume: bool = True) -> None:
+    """Refuse to start afresh over a previous run: its metrics and checkpoints would be mixed with the new ones.
+    A run still writing there is named instead (its lock)."""
+    if not holds_run(output_dir):
+        return
+    with RunLock(output_dir):  # RunLockError naming the holder when a run is still going
+        pass
+    choices = "--resume to continue it, --overwrite to start afresh" if can_resume else "--overwrite to start afresh"
+    raise ConfigError(f"output_dir {output_dir} already holds a run (metrics.jsonl or checkpoints/); pass {choices} "
+                      "(deleting its outputs), or choose another output_dir")
+
+
+def previous_outputs(output_dir: str | Path) -> list[Path]:
+    """What earlier runs left in ``output_dir`` (of :data:`RUN_OUTPUTS`)."""
+    d = Path(output_dir)
+    return [d / name for name in RUN_OUTPUTS if (d / name).exists() or (d / name).is_symlink()]
+
+
+def clear_output_dir(output_dir: str | Path, log=print) -> list[Path]:
+    """Delete a previous run's outputs (:data:`RUN_OUTPUTS`) from ``output_dir``, under its lock; returns what went."""
+    d = Path(output_dir)
+    gone = previous_outputs(d)
+    if not gone:
+        return []
+    with RunLock(d):
+        for path in gone:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    log(f"--overwrite: removed the previous run's {', '.join(p.name for p in gone)} from {d}")
+    return gone

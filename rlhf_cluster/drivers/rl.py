@@ -8,6 +8,7 @@ step with that step's prompts; it composes the phases below and returns its metr
 
 from __future__ import annotations
 
+import copy
 import shutil
 import time
 from pathlib import Path
@@ -150,6 +151,8 @@ class RLRun:
                               checksums=s.checkpoint_checksums)
         except (OSError, ActorFailure) as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, ActorFailure) and e.restartable:
+                raise  # an actor died or hung while saving: the previous checkpoint is kept, and a restart resumes it
             free = shutil.disk_usage(root).free if root.exists() else 0
             full = "No space left" in str(e) or "unexpected pos" in str(e) or free < 64 * 2**20
             kept = latest_checkpoint(self.out)
@@ -184,8 +187,9 @@ class RLRun:
         m["time/other"] = m["time/step"] - sum(v for k, v in m.items() if k.startswith("time/") and k not in ("time/step", "time/other"))
         return m
 
-    def fit(self, resume_from: Path | None = None) -> dict:
-        """Train to ``schedule.num_steps``, from step 0 or from a verified checkpoint ``resume_from``."""
+    def fit(self, resume_from: Path | None = None, on_start=None) -> dict:
+        """Train to ``schedule.num_steps``, from step 0 or from a verified checkpoint ``resume_from``;
+        ``on_start()`` is called when the first step is about to run."""
         cfg, s = self.cfg, self.cfg.schedule
         clean_stale(self.out, self.log)
         if resume_from is not None:
@@ -193,6 +197,10 @@ class RLRun:
             self.log(f"resumed from {resume_from} at step {self.step}")
         sink = MetricsSink(self.out, resume_step=self.step if resume_from is not None else None)
         summary: dict = {}
+        if resume_from is not None:  # the held-out reward before training, from the step-0 line the resumed run kept
+            first = next((m for m in read_metrics(sink.path) if m["step"] == 0), {})
+            if "eval/reward_mean" in first:
+                summary["eval_before"] = first["eval/reward_mean"]
         try:
             if self.step == 0:
                 ev = self.evaluate()
@@ -200,6 +208,8 @@ class RLRun:
                 sink.log(0, {k: v for k, v in ev.items() if not isinstance(v, str)})
                 self.log(f"step 0: held-out reward {ev['eval/reward_mean']:+.4f}   sample: {ev['eval/sample']!r}")
             bar = Progress(s.num_steps, self.step, cfg.method, self.log)
+            if on_start is not None:
+                on_start()
             while self.step < s.num_steps:
                 m = self.train_step()
                 fired = self.monitors.check(m)
@@ -286,8 +296,57 @@ def check_reward_fields(cfg: RunConfig, examples: list, report: DataReport) -> N
                           "response the policy may sample, the empty one included") from None
 
 
+class Restarts:
+    """The automatic restarts of one run (``fault_tolerance.max_restarts``): whether a failure gets one, the log
+    lines, and the records for the summary."""
+
+    def __init__(self, max_restarts: int, log=print):
+        self.max, self.log = max_restarts, log
+        self.records: list[dict] = []
+        self._failed_at: float | None = None
+
+    def allow(self, e: ActorFailure) -> bool:
+        """A dead actor or a hung call, restarts left, and no SIGTERM/SIGINT asking the run to stop."""
+        return e.restartable and len(self.records) < self.max and STOP.signum is None
+
+    def failed(self, e: ActorFailure, reached: int, ckpt: Path | None) -> None:
+        self._failed_at = time.perf_counter()
+        resumed = _step_of(ckpt)
+        self.records.append({"actor": e.who or "an actor", "kind": e.kind, "failed_at_step": reached,
+                             "resumed_from_step": resumed, "steps_lost": reached - resumed, "seconds": None})
+        what = "timed out" if e.kind == "timeout" else "died"
+        self.log(f"warning: {e.who or 'an actor'} {what} after step {reached} ({str(e).splitlines()[0]}); restarting "
+                 f"every role and resuming from {ckpt or 'step 0 (no checkpoint yet)'} (automatic restart "
+                 f"{len(self.records)} of {self.max}, fault_tolerance.max_restarts)")
+
+    def resumed(self) -> None:
+        """The first step after a restart is about to run: how long recovery took and what it cost."""
+        if self._failed_at is None:
+            return
+        r = self.records[-1]
+        r["seconds"] = round(time.perf_counter() - self._failed_at, 2)
+        self._failed_at = None
+        lost = r["steps_lost"]
+        self.log(f"recovered in {r['seconds']:.1f} s from {r['actor']}'s failure: resumed at step {r['resumed_from_step']}, "
+                 f"{lost} step{'' if lost == 1 else 's'} lost (redone)")
+
+    def annotate(self, e: ActorFailure) -> None:
+        """The failure that ends the run says how many restarts came before it."""
+        n = len(self.records)
+        if n:
+            e.args = (f"{e} (after {n} automatic restart{'' if n == 1 else 's'})",)
+
+
+def _step_of(ckpt: Path | None) -> int:
+    return load_driver_state(ckpt)["step"] if ckpt is not None else 0
+
+
 def run_rl(cfg: RunConfig, step: Step, resume: bool = False, log=print) -> dict:
-    """Validate, start the roles, train with ``step``, and shut down. Returns a summary dict."""
+    """Validate, start the roles, train with ``step``, and shut down. Returns a summary dict.
+
+    When an actor dies or a call hangs (:class:`Restarts`), every role is shut down and started again and
+    training resumes from the newest checkpoint that verifies; the run holds ``output_dir``'s lock throughout.
+    """
     preflight(cfg)
     ckpt = resumable_checkpoint(cfg.output_dir, log) if resume else None  # verified once, before any actor starts
     if resume and ckpt is None:
@@ -295,9 +354,22 @@ def run_rl(cfg: RunConfig, step: Step, resume: bool = False, log=print) -> dict:
                               "(run without --resume to start afresh)")
     tokenizer = load_tokenizer(cfg.policy.model_name_or_path)
     train, held = load_prompts(cfg, tokenizer, log)
-    with RunLock(cfg.output_dir), open_roles(cfg, log) as roles:
-        run = RLRun(cfg, roles, tokenizer, train, held, step, log)
-        summary = run.fit(resume_from=ckpt)
-        summary["timeline"] = str(roles.save_timeline(Path(cfg.output_dir) / "timeline.json"))
-        return summary
-
+    restarts = Restarts(cfg.fault_tolerance.max_restarts if cfg.cluster.backend == "ray" else 0, log)
+    pristine = copy.deepcopy(step)  # the step's state at step 0, for a restart with no checkpoint to resume
+    with RunLock(cfg.output_dir):
+        while True:
+            run = None
+            try:
+                with open_roles(cfg, log) as roles:
+                    run = RLRun(cfg, roles, tokenizer, train, held, step, log)
+                    summary = run.fit(resume_from=ckpt, on_start=restarts.resumed)
+                    summary["timeline"] = str(roles.save_timeline(Path(cfg.output_dir) / "timeline.json"))
+                    return {**summary, "restarts": restarts.records}
+            except ActorFailure as e:
+                if not restarts.allow(e):
+                    restarts.annotate(e)
+                    raise
+                reached = max(run.step if run else 0, _step_of(ckpt))
+                ckpt = resumable_checkpoint(cfg.output_dir, log)
+                restarts.failed(e, reached, ckpt)
+                step = copy.deepcopy(pristine)

@@ -1,0 +1,145 @@
+"""A rerun into a used output_dir (refused, or --overwrite), and the decisions of the automatic restart: which
+failures get one, what is recorded and said. The restarts themselves run in tests/cluster/test_recovery.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_cluster.cluster.groups import ActorFailure, _died
+from rlhf_cluster.config import ConfigError
+from rlhf_cluster.drivers.common import RunLock, RunLockError, check_output_dir, clear_output_dir
+from rlhf_cluster.drivers.rl import Restarts
+from rlhf_cluster.stopping import STOP
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = Path(sys.executable).parent / "rlhf-cluster"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CLI), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def used(d: Path) -> Path:
+    """A directory as a finished run leaves it, plus a file of the user's."""
+    (d / "checkpoints" / "step_000003").mkdir(parents=True)
+    (d / "metrics.jsonl").write_text('{"step": 7, "old": true}\n')
+    (d / "policy").mkdir()
+    (d / "reward_curve.png").write_bytes(b"png")
+    (d / "eval").mkdir()  # `rlhf-cluster eval` of its policy
+    (d / "notes.txt").write_text("mine")
+    return d
+
+
+# ----------------------------------------------------------------------------- a used output_dir
+
+
+@pytest.mark.parametrize("config, choices", [("configs/grpo.yaml", "pass --resume to continue it, --overwrite to start afresh"),
+                                             ("configs/sft.yaml", "pass --overwrite to start afresh")])
+def test_a_rerun_into_a_used_output_dir_is_refused_before_anything_starts(tmp_path, config, choices):
+    used(tmp_path)
+    # The model path does not exist: the refusal comes first, before any file is checked or anything loads.
+    p = cli("train", config, f"output_dir={tmp_path}", "policy.model_name_or_path=nowhere")
+    assert p.returncode == 2, p.stderr
+    assert p.stderr == (f"error: output_dir {tmp_path} already holds a run (metrics.jsonl or checkpoints/); {choices} "
+                        "(deleting its outputs), or choose another output_dir\n")
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 7, "old": true}\n'
+
+
+def test_resume_and_overwrite_together_is_a_usage_error(tmp_path):
+    p = cli("train", "configs/grpo.yaml", f"output_dir={tmp_path}", "--resume", "--overwrite")
+    assert p.returncode == 2 and "argument --overwrite: not allowed with argument --resume" in p.stderr, p.stderr
+
+
+def test_overwrite_deletes_the_previous_runs_outputs_and_starts_afresh(tmp_path, tiny_model_dir):
+    out = used(tmp_path / "run")
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(line + "\n" for line in (REPO / "configs" / "data" / "sft_train.jsonl").read_text().splitlines()[:16]))
+    p = cli("train", "configs/sft.yaml", f"output_dir={out}", f"policy.model_name_or_path={tiny_model_dir}",
+            "cluster.backend=local", f"data.train_path={data}", f"data.eval_path={data}", "schedule.num_epochs=1",
+            "--overwrite")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"--overwrite: removed the previous run's checkpoints, metrics.jsonl, reward_curve.png, policy, eval from {out}" in p.stdout
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1]  # this run's lines only
+    assert not any((out / x).exists() for x in ("checkpoints", "reward_curve.png", "eval"))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "policy" / "config.json").is_file()
+
+
+def test_a_pipeline_checks_every_stage_before_the_first_starts(tmp_path, tiny_model_dir):
+    import yaml
+
+    from rlhf_cluster.pipeline import load_pipeline, run_pipeline
+
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "stages": [
+        {"name": "sft", "config": str(REPO / "configs" / "sft.yaml"),
+         "overrides": {"policy.model_name_or_path": str(tiny_model_dir)}},
+        {"name": "dpo", "config": str(REPO / "configs" / "dpo.yaml"), "overrides": {"policy.model_name_or_path": "${sft.policy}"}}]}))
+    stages = load_pipeline(path)
+    used(tmp_path / "out" / "dpo")
+    ran = []
+    with pytest.raises(ConfigError, match=rf"^output_dir {tmp_path / 'out' / 'dpo'} already holds a run .*; pass --overwrite "):
+        run_pipeline(stages, ran.append, log=lambda _: None)
+    assert ran == []  # the first stage did not start either
+    run_pipeline(stages, ran.append, log=lambda _: None, overwrite=True)
+    assert len(ran) == 2 and not (tmp_path / "out" / "dpo" / "metrics.jsonl").exists()
+
+
+def test_a_run_still_writing_there_is_named_not_overwritten(tmp_path):
+    used(tmp_path)
+    with RunLock(tmp_path):
+        for attempt in (check_output_dir, clear_output_dir):
+            with pytest.raises(RunLockError, match=rf"in use by another run \(pid {os.getpid()} "):
+                attempt(tmp_path)
+    assert (tmp_path / "metrics.jsonl").is_file()
+
+
+# ----------------------------------------------------------------------------- the automatic restart
+
+
+def test_only_a_dead_actor_or_a_hung_call_is_restarted():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    r = Restarts(max_restarts=1, log=lambda _: None)
+    assert r.allow(ActorFailure("policy rank 0 died during update", "died", "policy rank 0"))
+    assert r.allow(ActorFailure("reward rank 0 did not finish reward within 5 s", "timeout", "reward rank 0"))
+    assert not r.allow(ActorFailure("reward rank 0 failed during reward: RewardError: ...", "error", "reward rank 0"))
+    STOP.signum = 15  # SIGTERM asked the run to stop: its actors going is no reason to start them again
+    try:
+        assert not r.allow(ActorFailure("policy rank 0 died during update", "died", "policy rank 0"))
+    finally:
+        STOP.signum = None
+    # Ray's view: an actor that is gone, versus one that raised because an actor it called is gone.
+    assert _died(ActorDiedError())
+    assert not _died(RayTaskError("send_weights", "Traceback ...", ActorDiedError()).as_instanceof_cause())
+
+
+def test_a_restart_is_recorded_and_said_and_the_last_failure_counts_them(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "step_000002"
+    ckpt.mkdir(parents=True)
+    torch.save({"step": 2}, ckpt / "driver_state.pt")
+    said = []
+    r = Restarts(max_restarts=1, log=said.append)
+    first = ActorFailure("policy rank 0 died during old log-probs: ActorDiedError: ...", "died", "policy rank 0")
+    r.failed(first, reached=3, ckpt=ckpt)
+    assert said[-1] == (f"warning: policy rank 0 died after step 3 ({first}); restarting every role and resuming from "
+                        f"{ckpt} (automatic restart 1 of 1, fault_tolerance.max_restarts)")
+    r.resumed()
+    (rec,) = r.records
+    assert {k: v for k, v in rec.items() if k != "seconds"} == {
+        "actor": "policy rank 0", "kind": "died", "failed_at_step": 3, "resumed_from_step": 2, "steps_lost": 1}
+    assert rec["seconds"] >= 0 and said[-1] == f"recovered in {rec['seconds']:.1f} s from policy rank 0's failure: " \
+                                               "resumed at step 2, 1 step lost (redone)"
+    second = ActorFailure("policy rank 0 died during update: ActorDiedError: ...", "died", "policy rank 0")
+    assert not r.allow(second)  # none left
+    r.annotate(second)
+    assert str(second) == "policy rank 0 died during update: ActorDiedError: ... (after 1 automatic restart)"
+    r.failed(ActorFailure("x", "timeout", "reward rank 0"), reached=1, ckpt=None)  # nothing saved yet: from step 0
+    assert r.records[-1]["resumed_from_step"] == 0 and "resuming from step 0 (no checkpoint yet)" in said[-1]
