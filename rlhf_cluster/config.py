@@ -12,7 +12,7 @@ import difflib
 import importlib
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -121,7 +121,9 @@ class TrainerConfig(_Strict):
     model_name_or_path: str | None = Field(None, description="Local Hugging Face model directory.")
     num_nodes: int = Field(1, ge=1, description="Nodes this role spans.")
     num_gpus_per_node: int = Field(1, ge=1, description="Data-parallel ranks per node (one GPU each on GPU clusters).")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    zero_stage: Literal["auto", 0, 1, 2, 3] = Field(
+        "auto", description="DeepSpeed ZeRO stage. auto: 0 (a plain optimizer step, nothing to partition) for one "
+        "rank without offload, 3 with offload_params, else 2.")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer-state offload to CPU (stage >= 1).")
     offload_params: bool = Field(False, description="ZeRO parameter offload to CPU (stage 3 only).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
@@ -139,6 +141,9 @@ class TrainerConfig(_Strict):
 
     @model_validator(mode="after")
     def _zero_offload(self) -> TrainerConfig:
+        if self.zero_stage == "auto":
+            one = self.world_size == 1 and not (self.offload_optimizer or self.offload_params)
+            self.zero_stage = 0 if one else (3 if self.offload_params else 2)
         if self.offload_params and self.zero_stage != 3:
             raise ValueError(f"offload_params=true needs zero_stage=3 (got zero_stage={self.zero_stage}); "
                              "set zero_stage=3 or offload_params=false")
@@ -217,7 +222,9 @@ class RolloutConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1 disables it.")
     top_k: int = Field(-1, description="-1 disables top-k.")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM's share of GPU memory.")
-    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV-cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    cpu_kv_cache_gib: Literal["auto"] | Annotated[float, Field(gt=0)] = Field(
+        "auto", description="KV-cache size per engine on CPU, GiB. auto: what one rollout (or evaluation) batch needs "
+        "at once, in vLLM's 128-token blocks (a few MiB for a tiny model, where vLLM alone reserves 1 GiB).")
     enforce_eager: bool = Field(True, description="Skip CUDA-graph capture (faster start, slower decode).")
     weight_sync: Literal["auto", "nccl", "gloo", "object_store"] = Field(
         "auto", description="How new policy weights reach the engines: vLLM's weight-transfer protocol over nccl (GPU) or "
@@ -274,8 +281,15 @@ class AlgorithmConfig(_Strict):
     ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
     mini_batch_size: int = Field(
         16, ge=1, description="Sequences (offline stages: examples or pairs) per optimizer step, all ranks together.")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL(π‖π_ref) estimator (Schulman's k1/k2/k3).")
-    kl_coef: float = Field(0.05, ge=0, description="β of the per-token KL penalty (initial value if adaptive).")
+    kl_penalty: Literal["auto", "reward", "loss"] = Field(
+        "auto", description="Where β·KL(π‖π_ref) goes. reward: subtracted from each token's reward before the advantages "
+        "(Ziegler et al. 2019; InstructGPT). loss: added to the policy loss, aggregated like it (the GRPO paper, Shao "
+        "et al. 2024). auto: loss for grpo, reward otherwise.")
+    kl_estimator: Literal["auto", "k1", "k2", "k3"] = Field(
+        "auto", description="Per-token KL(π‖π_ref) estimator (Schulman's k1/k2/k3). auto: k1 in the reward, k3 in "
+        "the loss (k1's gradient there is zero in expectation).")
+    kl_coef: float = Field(0.05, ge=0, description="β of the per-token KL penalty (initial value if adaptive). 0 with "
+                           "the fixed controller: no KL term, and no reference model is started.")
     kl_controller: str = Field("fixed", description="Fixed β, or adaptive toward kl_target (Ziegler et al. 2019).",
                                json_schema_extra={"registry": "kl_controller"})
     kl_target: float = Field(6.0, gt=0, description="Adaptive controller's target KL.")
@@ -289,6 +303,20 @@ class AlgorithmConfig(_Strict):
     @classmethod
     def _estimator(cls, v: str) -> str:
         return _registered(v, "advantage_estimator")
+
+    @model_validator(mode="after")
+    def _kl_defaults(self):
+        """Resolve the method-dependent defaults, so a dumped config says what ran."""
+        if self.kl_penalty == "auto":
+            self.kl_penalty = "loss" if self.advantage_estimator == "grpo" else "reward"
+        if self.kl_estimator == "auto":
+            self.kl_estimator = "k3" if self.kl_penalty == "loss" else "k1"
+        return self
+
+    @property
+    def uses_kl(self) -> bool:
+        """Whether any KL term (and so the reference model) is needed."""
+        return self.kl_coef > 0 or self.kl_controller != "fixed"
 
     @field_validator("policy_loss")
     @classmethod
@@ -394,6 +422,10 @@ class ClusterConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for the local Ray (default: all).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the cluster has GPUs.")
     cpus_per_actor: float = Field(0.01, gt=0, description="CPU resource each actor reserves (CPU clusters).")
+    threads_per_actor: Literal["auto"] | int = Field(
+        "auto", description="torch threads per actor. auto: on a CPU cluster the actors a phase runs at once split "
+        "their node's CPUs and an actor working alone gets them all (Ray alone would give each actor 1); on GPUs, "
+        "as Ray starts them. A number: every actor always uses that many.")
     call_timeout_s: float | None = Field(
         3600.0, gt=0, description="Stop the run, naming the role, rank and phase, when one actor call (a generation, a "
         "reward, an update, a checkpoint save) takes longer than this; null waits forever. Ray backend only.")
@@ -403,6 +435,13 @@ class ClusterConfig(_Strict):
                                          "the cluster's GPUs).")
     colocate_policy_reference: bool = Field(False, description="Reference replicas share the policy ranks' GPUs.")
     colocate_critic_reward: bool = Field(False, description="Reward replicas share the critic ranks' GPUs.")
+
+    @field_validator("threads_per_actor")
+    @classmethod
+    def _threads(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("threads_per_actor must be 'auto' or a number >= 1")
+        return v
 
 
 # ----------------------------------------------------------------------------- run
@@ -522,7 +561,7 @@ class RunConfig(_Strict):
     @property
     def needs_reference(self) -> bool:
         if self.method == "ppo":
-            return True
+            return self.algorithm.uses_kl
         return self.method in ("dpo", "online_dpo") and self.preference.needs_reference
 
     @property

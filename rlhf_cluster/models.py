@@ -91,8 +91,10 @@ def _from_aligned(positions: torch.Tensor, lead: torch.Tensor, length: int) -> t
     return (positions - lead[:, None]) % length
 
 
-def action_logprobs_and_entropy(model, input_ids, attention_mask, num_actions: int, with_entropy: bool = False):
-    """log π(a_t|s_t) for the last ``num_actions`` tokens: (B, A), and optionally entropy (B, A)."""
+def action_logprobs_and_entropy(model, input_ids, attention_mask, num_actions: int, with_entropy: bool = False,
+                                entropy_grad: bool = True):
+    """log π(a_t|s_t) for the last ``num_actions`` tokens: (B, A), and optionally entropy (B, A), with a gradient
+    unless ``entropy_grad`` is False (measured only: no backward through the softmax over the vocabulary)."""
     from rlhf_cluster.algos.core import entropy_from_logits
 
     ids, mask, lead = left_align(input_ids, attention_mask)
@@ -102,7 +104,12 @@ def action_logprobs_and_entropy(model, input_ids, attention_mask, num_actions: i
     where = _from_aligned(torch.arange(L - num_actions - 1, L - 1, device=ids.device).expand(B, -1), lead, L)
     logits = out.logits.gather(1, where[..., None].expand(-1, -1, out.logits.shape[-1])).float()
     logp = logprobs_from_logits(logits, input_ids[:, -num_actions:])
-    return logp, (entropy_from_logits(logits) if with_entropy else None)
+    if not with_entropy:
+        return logp, None
+    if entropy_grad:
+        return logp, entropy_from_logits(logits)
+    with torch.no_grad():
+        return logp, entropy_from_logits(logits.detach())
 
 
 def _score_per_token(model, input_ids, attention_mask) -> torch.Tensor:

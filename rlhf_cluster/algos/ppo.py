@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .core import NoParams, masked_mean, masked_sum, masked_var
+from .core import NoParams, kl_penalty, masked_mean, masked_sum, masked_var
 
 # --------------------------------------------------------------------------- #
 # Policy losses: per-token surrogate losses behind one keyword signature
@@ -165,6 +165,23 @@ def ppo_policy_loss(
             "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, stats
+
+
+def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str = "k3",
+            loss_agg_mode: str = "token_mean") -> Tensor:
+    """The KL term of the GRPO objective (Shao et al. 2024, eq. 3-4), without its β: a per-token estimate
+    of KL(π_θ‖π_ref) on the sampled tokens, aggregated like the policy loss -> 0-d.
+
+    logprobs log π_θ (with grad): (B, T); ref_logprobs log π_ref: (B, T); mask: (B, T); estimator: a
+    KL_ESTIMATORS name (the paper's is k3 = π_ref/π_θ - log(π_ref/π_θ) - 1, whose gradient is that of the
+    KL; k1's is zero in expectation); loss_agg_mode: a LOSS_AGG_MODES name. The log-ratio is clamped to
+    [-20, 20] as in ppo_policy_loss.
+    """
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; valid: {sorted(LOSS_AGG_MODES)}")
+    log_r = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
+    kl_t = kl_penalty(ref_logprobs - log_r, ref_logprobs, estimator)  # the estimator at the clamped log-ratio
+    return LOSS_AGG_MODES[loss_agg_mode](kl_t, mask)
 
 
 def ppo_value_loss(

@@ -103,7 +103,7 @@ class RoleGroup:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def _submit(self, actor, fn: Callable, args: tuple, kwargs: dict):
+    def _submit(self, rank: int, fn: Callable, args: tuple, kwargs: dict):
         raise NotImplementedError
 
     def _resolve(self, pending: Pending, timeout: float | None) -> list:
@@ -114,7 +114,7 @@ class RoleGroup:
 
     def call(self, fn: Callable, *args, what: str | None = None, **kwargs) -> Pending:
         """``fn(*args, **kwargs)`` on every rank (``fn`` is a method of the role's actor shell)."""
-        handles = [self._submit(a, fn, args, kwargs) for a in self.actors]
+        handles = [self._submit(rank, fn, args, kwargs) for rank in range(len(self.actors))]
         return Pending(self, handles, list(range(len(self.actors))), what or fn.__name__)
 
     def shard(self, fn: Callable, *rows, what: str | None = None, **kwargs) -> Pending:
@@ -124,15 +124,15 @@ class RoleGroup:
         if any(_rows(r) != n for r in rows):
             raise ValueError(f"{self.role}: shard arguments have different row counts {[_rows(r) for r in rows]}")
         handles, ranks = [], []
-        for rank, (a, s) in enumerate(zip(self.actors, split_rows(n, len(self.actors)))):
+        for rank, s in enumerate(split_rows(n, len(self.actors))):
             if s.stop > s.start:
-                handles.append(self._submit(a, fn, tuple(_take(r, s) for r in rows), kwargs))
+                handles.append(self._submit(rank, fn, tuple(_take(r, s) for r in rows), kwargs))
                 ranks.append(rank)
         return Pending(self, handles, ranks, what or fn.__name__)
 
     def each(self, fn: Callable, per_rank: Sequence[tuple], what: str | None = None, **kwargs) -> Pending:
         """Rank i runs ``fn(*per_rank[i], **kwargs)`` (ranks beyond ``per_rank`` are not called)."""
-        handles = [self._submit(a, fn, tuple(args), kwargs) for a, args in zip(self.actors, per_rank)]
+        handles = [self._submit(rank, fn, tuple(args), kwargs) for rank, args in enumerate(per_rank[: len(self.actors)])]
         return Pending(self, handles, list(range(len(handles))), what or fn.__name__)
 
     def start_trainers(self, spec) -> Pending:
@@ -156,6 +156,15 @@ class RoleGroup:
 
         return self.call(_Shell.spans).get()
 
+    def peak_rss_mib(self) -> list[float]:
+        from rlhf_cluster.cluster.actors import _Shell
+
+        return self.call(_Shell.peak_rss_mib).get()
+
+    def dead_ranks(self, timeout_s: float = 5.0) -> list[int]:
+        """The ranks whose actor is gone (in one process: none)."""
+        return []
+
     def shutdown(self) -> None:
         raise NotImplementedError
 
@@ -172,9 +181,9 @@ class LocalGroup(RoleGroup):
         self.spec = spec
         self.actors = [shell_cls(0, spec.role)]
 
-    def _submit(self, actor, fn, args, kwargs):
+    def _submit(self, rank, fn, args, kwargs):
         try:
-            return ("ok", fn(actor, *args, **kwargs))
+            return ("ok", fn(self.actors[rank], *args, **kwargs))
         except Exception as e:
             return ("error", e)
 
@@ -272,8 +281,16 @@ class ActorGroup(RoleGroup):
             if env:
                 opts["runtime_env"] = {"env_vars": env}
             self.actors.append(remote_cls.options(**opts).remote(rank, spec.role))
+        self.threads: list[int | None] = [None] * spec.size  # torch threads each rank should use (rlhf_cluster.cluster.threads)
+        self._threads_told: list[int | None] = [None] * spec.size
 
-    def _submit(self, actor, fn, args, kwargs):
+    def _submit(self, rank, fn, args, kwargs):
+        actor = self.actors[rank]
+        want = self.threads[rank] if self.threads else None
+        if want is not None and want != self._threads_told[rank]:
+            # Calls from one caller run in submission order, so this lands before the call it is for.
+            actor.set_threads.remote(want)
+            self._threads_told[rank] = want
         return getattr(actor, fn.__name__).remote(*args, **kwargs)
 
     def _resolve(self, pending: Pending, timeout: float | None) -> list:

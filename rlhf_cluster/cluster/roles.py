@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from rlhf_cluster.cluster.actors import CriticActor, PolicyActor, ReferenceActor
 from rlhf_cluster.cluster.groups import ActorGroup, LocalGroup, RoleGroup, check_capacity, cluster_has_gpus
 from rlhf_cluster.cluster.layout import role_layout
 from rlhf_cluster.cluster.specs import engine_spec, reward_spec, scorer_spec, trainer_spec
+from rlhf_cluster.cluster.threads import ThreadBudget, node_cpus_and_placement
 from rlhf_cluster.cluster.weight_sync import connect_weight_sync, resolve_backend
 
 SHELLS = {"policy": PolicyActor, "critic": CriticActor, "reward_model": CriticActor, "reference": ReferenceActor,
@@ -28,6 +29,8 @@ TRAINERS = ("policy", "critic", "reward_model")
 class Roles:
     groups: dict[str, RoleGroup] = field(default_factory=dict)
     weight_sync: str = "object_store"  # resolved backend: nccl, gloo or object_store
+    use_gpu: bool = False
+    budget: ThreadBudget | None = None  # torch threads per actor on CPU clusters (cluster.threads_per_actor)
 
     def _get(self, name: str) -> RoleGroup | None:
         return self.groups.get(name)
@@ -43,6 +46,11 @@ class Roles:
     def trainer(self) -> RoleGroup:
         """The model an offline stage trains (the policy, or the reward model)."""
         return self.groups.get("policy") or self.groups["reward_model"]
+
+    def sharing(self, *names: str):
+        """A block in which the roles ``names`` run at once: on a CPU cluster their actors split each node's CPUs
+        (outside such a block an actor working alone gets them all)."""
+        return self.budget.sharing(*names) if self.budget is not None else nullcontext()
 
     def all(self) -> list[RoleGroup]:
         return list(self.groups.values())
@@ -60,6 +68,10 @@ class Roles:
         path.write_text(json.dumps({g.role: g.placements() for g in self.all()}, indent=1))
         return path
 
+    def peak_memory_mib(self) -> dict[str, float]:
+        """Every actor's peak resident memory, ``{"policy/0": MiB, ...}`` (one process for the local backend)."""
+        return {f"{g.role}/{rank}": round(m, 1) for g in self.all() for rank, m in enumerate(g.peak_rss_mib())}
+
     def save_timeline(self, path: Path) -> Path:
         """Every actor's recorded calls as ``{"policy/0": [[name, start, end], ...], ...}`` (wall-clock seconds)."""
         spans = {f"{g.role}/{rank}": s for g in self.all() for rank, s in enumerate(g.spans())}
@@ -75,14 +87,14 @@ def start_roles(cfg) -> Roles:
         import torch
 
         use_gpu = torch.cuda.is_available()
-        roles = Roles({name: LocalGroup(spec, SHELLS[name]) for name, spec in layout.items()})
+        roles = Roles({name: LocalGroup(spec, SHELLS[name]) for name, spec in layout.items()}, use_gpu=use_gpu)
     else:
         c = cfg.cluster
         use_gpu = c.device == "cuda" or (c.device == "auto" and cluster_has_gpus())
         check_capacity(list(layout.values()), use_gpu)
         if use_gpu and c.memory_check:
             check_memory(cfg)
-        roles = Roles()
+        roles = Roles(use_gpu=use_gpu)
         try:
             for name, spec in layout.items():
                 roles.groups[name] = ActorGroup(spec, SHELLS[name], use_gpu=use_gpu, cpus_per_actor=c.cpus_per_actor,
@@ -156,6 +168,15 @@ def init_roles(roles: Roles, cfg) -> None:
                             int(r.weight_sync_bucket_mb * 2**20))
 
 
+def thread_budget(cfg, roles: Roles) -> ThreadBudget | None:
+    """cluster.threads_per_actor on a Ray CPU cluster (None: the local backend, or GPUs with ``auto``)."""
+    t = cfg.cluster.threads_per_actor
+    if cfg.cluster.backend == "local" or (roles.use_gpu and t == "auto"):
+        return None
+    nodes, cpus = node_cpus_and_placement(roles.groups)
+    return ThreadBudget(roles.groups, nodes, cpus, fixed=None if t == "auto" else int(t))
+
+
 def model_paths(cfg) -> dict[str, str]:
     """The model directories the run's actors load, by config field."""
     layout = role_layout(cfg)
@@ -188,7 +209,9 @@ def open_roles(cfg, log=print):
     roles = start_roles(cfg)
     try:
         init_roles(roles, cfg)
-        log(f"actors ready in {time.perf_counter() - t:.1f} s: {roles.summary()}")
+        roles.budget = thread_budget(cfg, roles)
+        log(f"actors ready in {time.perf_counter() - t:.1f} s: {roles.summary()}"
+            + (f"; threads: {roles.budget.describe()}" if roles.budget else ""))
         roles.save_placement(Path(cfg.output_dir) / "placement.json")
         yield roles
     finally:

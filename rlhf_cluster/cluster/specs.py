@@ -71,7 +71,8 @@ class EngineSpec:
     max_model_len: int = 1024
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
-    cpu_kv_cache_gib: float = 1.0
+    cpu_kv_cache_gib: float | None = None  # None: sized for batch_rows sequences
+    batch_rows: int = 256  # the most sequences one generate call holds at once
     enforce_eager: bool = True
     dtype: str = "auto"
     weight_transfer: str | None = None  # nccl / gloo broadcast backend; None: state dicts (object_store)
@@ -108,7 +109,10 @@ def reward_spec(r) -> RewardSpec:
 
 def engine_spec(cfg, index: int, weight_transfer: str | None) -> EngineSpec:
     r = cfg.rollout
+    rows = max(cfg.schedule.prompts_per_step * r.n_samples_per_prompt, cfg.schedule.eval_prompts)
     return EngineSpec(model_path=cfg.policy.model_name_or_path, seed=cfg.seed + index,
                       max_model_len=cfg.data.max_prompt_length + r.max_new_tokens, tensor_parallel_size=r.tensor_parallel_size,
-                      gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gib=r.cpu_kv_cache_gib,
-                      enforce_eager=r.enforce_eager, dtype=cfg.policy.dtype, weight_transfer=weight_transfer)
+                      gpu_memory_utilization=r.gpu_memory_utilization,
+                      cpu_kv_cache_gib=None if r.cpu_kv_cache_gib == "auto" else r.cpu_kv_cache_gib,
+                      batch_rows=-(-rows // r.num_engines), enforce_eager=r.enforce_eager, dtype=cfg.policy.dtype,
+                      weight_transfer=weight_transfer)

@@ -268,4 +268,5 @@ def run_offline(cfg: RunConfig, log=print) -> dict:
     with RunLock(cfg.output_dir), open_roles(cfg, log) as roles:
         summary = OfflineRun(cfg, stage, roles.trainer, roles.reference, tokenizer.pad_token_id, train, held, log).fit()
         summary["timeline"] = str(roles.save_timeline(Path(cfg.output_dir) / "timeline.json"))
+        summary["peak_rss_mib"] = roles.peak_memory_mib()
         return summary

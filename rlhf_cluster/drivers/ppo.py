@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from rlhf_cluster.algos.advantages import get_advantage_estimator
 from rlhf_cluster.algos.core import kl_penalty, masked_mean, masked_whiten, token_level_rewards
 from rlhf_cluster.algos.kl_controllers import KL_CONTROLLERS
@@ -33,6 +35,12 @@ class PPOStep:
         self.estimator = get_advantage_estimator(a.advantage_estimator)
         ctl = KL_CONTROLLERS[a.kl_controller]
         self.kl_ctl = ctl(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_controller == "adaptive" else ctl(a.kl_coef)
+        self.kl_in_loss = a.uses_kl and a.kl_penalty == "loss"
+        self.kl_in_reward = a.uses_kl and a.kl_penalty == "reward"
+        # One epoch over one mini-batch is exactly on-policy: the update's own forward gives the old log-probs,
+        # unless the KL in the reward needs them before the advantages.
+        self.reuse_old = (a.ppo_epochs == 1 and cfg.schedule.prompts_per_step * self.n == a.mini_batch_size
+                          and not self.kl_in_reward)
 
     def state_dict(self) -> dict:
         return {"kl_ctl": self.kl_ctl.state_dict()}
@@ -42,17 +50,22 @@ class PPOStep:
 
     # ------------------------------------------------------------------ phases
     def score(self, run: RLRun, rollout: Rollout) -> Experience:
-        """Reward, reference log-probs, old log-probs and values, all four concurrently; each role gets
-        only the token ids (or, for a text reward, only the text)."""
+        """Reward, reference log-probs, old log-probs and values, concurrently (the roles split the CPUs); each role
+        gets only the token ids (or, for a text reward, only the text). Old log-probs are skipped when the update
+        is on-policy, reference log-probs when there is no KL term."""
         R, exp = run.roles, rollout.exp
         seqs = exp.only()
-        ref = R.reference.shard(ReferenceActor.logprobs, seqs, what="reference log-probs")
-        rew = run.rewards(rollout)
-        old = R.policy.shard(PolicyActor.logprobs, seqs, what="old log-probs")
-        val = R.critic.shard(CriticActor.values, seqs, what="values") if R.critic else None
-        exp.ref_logprobs = ref.cat()
+        with R.sharing("reference", "critic", *(() if self.reuse_old else ("policy",)),
+                       *(() if run.reward_needs_text else ("reward",))):
+            ref = R.reference.shard(ReferenceActor.logprobs, seqs, what="reference log-probs") if R.reference else None
+            rew = run.rewards(rollout)
+            old = None if self.reuse_old else R.policy.shard(PolicyActor.logprobs, seqs, what="old log-probs")
+            val = R.critic.shard(CriticActor.values, seqs, what="values") if R.critic else None
         exp.scores = rew.cat()
-        exp.old_logprobs = old.cat()
+        if ref is not None:
+            exp.ref_logprobs = ref.cat()
+        if old is not None:
+            exp.old_logprobs = old.cat()
         if val is not None:
             exp.values = val.cat() * exp.action_mask
         return exp
@@ -60,39 +73,54 @@ class PPOStep:
     @staticmethod
     def logprob_mismatch(exp: Experience) -> dict:
         """|log π_trainer − log π_engine| on the sampled tokens: the policy that trains and the engine that
-        sampled must agree (up to numerics) once weights are synced; a jump means a broken sync or sampler."""
+        sampled must agree (up to numerics) once weights are synced; a jump means a broken sync or sampler.
+        (On-policy updates measure it in the update's own forward instead.)"""
+        if exp.old_logprobs is None:
+            return {}
         diff = (exp.old_logprobs - exp.rollout_logprobs).abs() * exp.action_mask
         return {"rollout/logprob_mismatch": (diff.sum() / exp.action_mask.sum().clamp(min=1)).item(),
                 "rollout/logprob_mismatch_max": diff.max().item()}
 
     def advantages(self, exp: Experience) -> dict:
-        """Per-token rewards with the KL penalty, then the configured estimator (GAE by default)."""
+        """Per-token rewards (with the KL penalty when it goes in the reward), then the configured estimator."""
         a, mask = self.a, exp.action_mask
-        kl = kl_penalty(exp.old_logprobs, exp.ref_logprobs, a.kl_estimator) * mask
-        exp.token_rewards = token_level_rewards(exp.scores, kl, mask, self.kl_ctl.value)
+        stats: dict = {"kl/coef": self.kl_ctl.value}
+        kl = torch.zeros_like(mask, dtype=torch.float32)
+        if exp.ref_logprobs is not None:  # measured on the sampled tokens whatever the placement
+            behaviour = exp.old_logprobs if exp.old_logprobs is not None else exp.rollout_logprobs
+            kl = kl_penalty(behaviour, exp.ref_logprobs, a.kl_estimator) * mask
+            kl_seq = kl.sum(-1).mean().item()
+            stats.update({"kl/ref_per_token": masked_mean(kl, mask).item(), "kl/ref_per_seq": kl_seq})
+            self.kl_ctl.update(kl_seq, exp.batch_size)
+        exp.token_rewards = token_level_rewards(exp.scores, kl, mask, stats["kl/coef"] if self.kl_in_reward else 0.0)
         adv, ret = self.estimator.fn(exp.token_rewards, mask, values=exp.values, group_size=self.n, gamma=a.gamma, lam=a.lam,
                                      std_eps=a.group_std_eps)
         exp.advantages = masked_whiten(adv, mask) if self.estimator.whiten else adv
         exp.returns = ret
-        kl_seq = (kl.sum(-1)).mean().item()
-        stats = {"kl/ref_per_token": masked_mean(kl, mask).item(), "kl/ref_per_seq": kl_seq, "kl/coef": self.kl_ctl.value}
         if exp.values is not None:
             stats["critic/explained_var"] = explained_variance(exp.values, ret, mask).item()
             stats["critic/values_mean"] = masked_mean(exp.values, mask).item()
-        self.kl_ctl.update(kl_seq, exp.batch_size)
         return stats
 
     def update(self, run: RLRun, exp: Experience) -> dict:
         """Policy and critic updates, concurrently, each rank on its contiguous shard."""
         a, R = self.a, run.roles
-        p = R.policy.shard(PolicyActor.update, exp.only("old_logprobs", "advantages"), objective="ppo",
-                           epochs=a.ppo_epochs, clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high,
-                           policy_loss=a.policy_loss, policy_loss_params=a.policy_loss_params, loss_agg_mode=a.loss_agg_mode,
-                           entropy_coef=a.entropy_coef, what="policy update")
-        c = R.critic.shard(CriticActor.update, exp.only("values", "returns"), objective="value", epochs=a.ppo_epochs,
-                           value_clip=a.value_clip, what="critic update") if R.critic else None
+        policy_rows = exp.only("advantages", "rollout_logprobs" if self.reuse_old else "old_logprobs",
+                               *(("ref_logprobs",) if self.kl_in_loss else ()))
+        with R.sharing("policy", "critic"):
+            p = R.policy.shard(PolicyActor.update, policy_rows, objective="ppo",
+                               epochs=a.ppo_epochs, clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high,
+                               policy_loss=a.policy_loss, policy_loss_params=a.policy_loss_params,
+                               loss_agg_mode=a.loss_agg_mode, entropy_coef=a.entropy_coef,
+                               kl_coef=self.kl_ctl.value if self.kl_in_loss else 0.0, kl_estimator=a.kl_estimator,
+                               what="policy update")
+            c = R.critic.shard(CriticActor.update, exp.only("values", "returns"), objective="value", epochs=a.ppo_epochs,
+                               value_clip=a.value_clip, what="critic update") if R.critic else None
         p_stats = p.get()
-        out = {**mean_stats(p_stats, "actor/"), "tps/train_policy": train_tokens_per_second(p_stats)}
+        out = {**mean_stats(p_stats, "actor/"), "tps/train_policy": train_tokens_per_second(p_stats),
+               "actor/old_logprobs_reused": float(self.reuse_old)}
+        if "actor/logprob_mismatch" in out:
+            out["rollout/logprob_mismatch"] = out.pop("actor/logprob_mismatch")
         if c is not None:
             c_stats = c.get()
             out.update({**mean_stats(c_stats, "critic/"), "tps/train_critic": train_tokens_per_second(c_stats)})

@@ -364,6 +364,7 @@ def run_rl(cfg: RunConfig, step: Step, resume: bool = False, log=print) -> dict:
                     run = RLRun(cfg, roles, tokenizer, train, held, step, log)
                     summary = run.fit(resume_from=ckpt, on_start=restarts.resumed)
                     summary["timeline"] = str(roles.save_timeline(Path(cfg.output_dir) / "timeline.json"))
+                    summary["peak_rss_mib"] = roles.peak_memory_mib()
                     return {**summary, "restarts": restarts.records}
             except ActorFailure as e:
                 if not restarts.allow(e):

@@ -14,7 +14,7 @@ from dataclasses import asdict
 import torch
 
 from rlhf_cluster.algos.core import masked_mean
-from rlhf_cluster.algos.ppo import ppo_policy_loss, ppo_value_loss
+from rlhf_cluster.algos.ppo import kl_loss, ppo_policy_loss, ppo_value_loss
 from rlhf_cluster.algos.preference import bradley_terry_loss, get_preference_loss, kto_loss
 from rlhf_cluster.experience import Experience, FeedbackBatch, PairBatch
 from rlhf_cluster.models import action_logprobs_and_entropy, sequence_scores, token_values
@@ -46,13 +46,30 @@ def sequence_logps(model, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register_objective("ppo")
 def ppo_objective(model, m: Experience, *, policy_loss, policy_loss_params, loss_agg_mode, clip_eps_low, clip_eps_high,
-                  entropy_coef):
-    """A registered policy loss (algos.ppo.POLICY_LOSSES) aggregated by ``loss_agg_mode``, minus the entropy bonus."""
-    logp, ent = action_logprobs_and_entropy(model, m.input_ids, m.attention_mask, m.num_actions, with_entropy=True)
-    pg_loss, stats = ppo_policy_loss(logp, m.old_logprobs, m.advantages, m.action_mask, clip_eps_low, clip_eps_high,
+                  entropy_coef, kl_coef=0.0, kl_estimator="k3"):
+    """A registered policy loss (algos.ppo.POLICY_LOSSES) aggregated by ``loss_agg_mode``, minus the entropy bonus,
+    plus β·KL(π_θ‖π_ref) when ``kl_coef`` > 0 (the batch then carries ref_logprobs: the KL in the loss).
+
+    Without ``m.old_logprobs`` the update is exactly on-policy (one epoch, one mini-batch: every micro-batch
+    runs before the optimizer step), so π_θold is this forward's π_θ, detached: the separate old-log-prob
+    forward is saved and the ratio is 1 with the policy gradient's value. The entropy gets a gradient only
+    when it is in the loss; otherwise it is measured without one.
+    """
+    logp, ent = action_logprobs_and_entropy(model, m.input_ids, m.attention_mask, m.num_actions, with_entropy=True,
+                                            entropy_grad=entropy_coef > 0)
+    old = logp.detach() if m.old_logprobs is None else m.old_logprobs
+    pg_loss, stats = ppo_policy_loss(logp, old, m.advantages, m.action_mask, clip_eps_low, clip_eps_high,
                                      policy_loss=policy_loss, policy_loss_params=policy_loss_params, loss_agg_mode=loss_agg_mode)
     entropy = masked_mean(ent, m.action_mask)
-    return pg_loss - entropy_coef * entropy, {"pg_loss": pg_loss.detach(), "entropy": entropy.detach(), **stats}
+    loss = pg_loss - entropy_coef * entropy if entropy_coef > 0 else pg_loss
+    stats = {"pg_loss": pg_loss.detach(), "entropy": entropy.detach(), **stats}
+    if kl_coef > 0:
+        kl = kl_loss(logp, m.ref_logprobs, m.action_mask, kl_estimator, loss_agg_mode)
+        loss = loss + kl_coef * kl
+        stats["kl_loss"] = kl.detach()
+    if m.old_logprobs is None and m.rollout_logprobs is not None:  # the engine's view of the same tokens
+        stats["logprob_mismatch"] = masked_mean((logp.detach() - m.rollout_logprobs).abs(), m.action_mask)
+    return loss, stats
 
 
 @register_objective("value")

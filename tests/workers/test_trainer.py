@@ -1,0 +1,53 @@
+"""The policy trainer in this process: the PPO objective's on-policy and KL-in-loss paths on a real DeepSpeed engine."""
+
+import pytest
+import torch
+from sync_check import random_batch
+
+from rlhf_cluster.workers.trainer import PolicyTrainer
+
+PPO = dict(objective="ppo", epochs=1, capture_grads=True, clip_eps_low=0.2, clip_eps_high=0.2, policy_loss="vanilla",
+           policy_loss_params={}, loss_agg_mode="token_mean", entropy_coef=0.0)
+
+
+def _trainer(model_dir):
+    # One mini-batch of all 8 rows: an exactly on-policy update.
+    return PolicyTrainer(model_path=str(model_dir), zero_stage=0, micro_batch_size=4, mini_batch_size=8,
+                         learning_rate=1e-2, seed=0)
+
+
+def test_on_policy_update_reuses_its_forward_and_matches_the_separate_old_logprob_pass(tiny_model_dir):
+    """Without old log-probs the update takes its own forward's, detached: the same loss, gradients and step as
+    an update given the old log-probs from a separate forward; the engine's log-probs give the mismatch stat."""
+    exp = random_batch(seed=3)
+    a, b = _trainer(tiny_model_dir), _trainer(tiny_model_dir)
+    old = a.logprobs(exp)
+    exp.rollout_logprobs = old + 0.01
+    given = a.update(_with(exp, old_logprobs=old), **PPO)
+    reused = b.update(_with(exp, rollout_logprobs=exp.rollout_logprobs), **PPO)
+    assert reused["loss"] == pytest.approx(given["loss"], rel=1e-6, abs=1e-7)
+    assert reused["ratio_mean"] == pytest.approx(1.0)
+    assert reused["logprob_mismatch"] == pytest.approx(0.01, rel=1e-4)
+    for name, g in given["grads"].items():
+        assert torch.allclose(g, reused["grads"][name], rtol=1e-5, atol=1e-7), name
+    assert torch.allclose(a.logprobs(exp), b.logprobs(exp), atol=1e-6)  # the same step was taken
+
+
+def test_kl_in_the_loss_adds_beta_times_the_kl_term(tiny_model_dir):
+    exp = random_batch(seed=4)
+    t = _trainer(tiny_model_dir)
+    old = t.logprobs(exp)
+    ref = old - 0.3 * torch.rand(old.shape, generator=torch.Generator().manual_seed(0))
+    hp = {k: v for k, v in PPO.items() if k not in ("objective", "epochs", "capture_grads")}
+    free = t.evaluate(_with(exp, old_logprobs=old), "ppo", **hp)
+    with_kl = t.evaluate(_with(exp, old_logprobs=old, ref_logprobs=ref), "ppo", kl_coef=0.5, kl_estimator="k3", **hp)
+    assert with_kl["kl_loss"] > 0
+    assert with_kl["loss"] == pytest.approx(free["loss"] + 0.5 * with_kl["kl_loss"], rel=1e-5)
+
+
+def _with(exp, **fields):
+    """The ids, masks and advantages, plus ``fields``: what the driver sends the policy."""
+    out = exp.only("advantages")
+    for k, v in fields.items():
+        setattr(out, k, v)
+    return out
