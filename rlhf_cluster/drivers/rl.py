@@ -89,7 +89,7 @@ class RLRun:
         """
         engines = self.roles.rollout
         parts = split_rows(len(prompts), len(engines))
-        results = engines.each(RolloutActor.generate, [([p.prompt_ids for p in prompts[s]], seed + s.start) for s in parts],
+        results = engines.each(RolloutActor.generate, [([p.prompt_ids for p in prompts[s]], seed + s.start * n) for s in parts],
                                n=n, **self.sampling, what="generate").get()
         for rank, (_, stats) in enumerate(results):
             if stats["weights_version"] != self.weights_version:
@@ -179,7 +179,7 @@ class RLRun:
     # ------------------------------------------------------------------ the loop
     def train_step(self) -> dict:
         prompts = self.sampler.next()
-        seed = (self.cfg.seed * 1_000_003 + self.step * 65_537) % 2**31  # prompt i of the step samples with seed + i
+        seed = (self.cfg.seed * 1_000_003 + self.step * 65_537) % 2**31  # sample j of prompt i draws with seed + i·n + j
         t0 = time.perf_counter()
         m = self.step_fn(self, prompts, seed)
         self.step += 1

@@ -79,14 +79,15 @@ class RolloutEngine:
                  top_p: float = 1.0, top_k: int = -1, seed: int | None = None) -> tuple[list[Sample], dict]:
         """``n`` samples per prompt, grouped: samples of prompt i are rows [i*n, (i+1)*n).
 
-        With a ``seed``, prompt i samples with seed + i: reproducible, and independent across
-        prompts (one shared seed would give every prompt the same random stream).
+        With a ``seed``, sample j of prompt i draws with seed + i·n + j (vLLM seeds a request's j-th sample
+        with its seed + j): reproducible, and no two samples of the call share a random stream. (Seeding
+        prompt i with seed + i made sample j of prompt i repeat sample 0 of prompt i + j.)
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 top_k=top_k if top_k > 0 else 0, logprobs=0, seed=None if seed is None else seed + i)
+                                 top_k=top_k if top_k > 0 else 0, logprobs=0, seed=None if seed is None else seed + i * n)
                   for i in range(len(prompt_ids))]
         t0 = time.perf_counter()
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
