@@ -10,12 +10,18 @@ the whole process tree, sampled every 0.25 s: the driver, Ray's processes and ev
 learning outcome (mean reward of the first and last 5 steps; DPO: the reward margin). Ratios: train
 throughput ours/TRL and process wall TRL/ours (above 1: we are faster), peak memory ours/TRL (below 1: less).
 
+Like TRL here, our GRPO run skips the held-out evaluations and the final checkpoint (schedule.eval_prompts=0,
+schedule.save_final=false); it still writes the final policy directory.
+
 Workloads (both sides):
   grpo  30 steps x 4 prompts x 8 samples, 16 new tokens, beta 0.04 (TRL: KL in the loss, ours: the same by
         default for grpo), lr 1e-4 constant, AdamW betas (0.9, 0.95), one update per rollout, the demo's
         sentiment reward and prompts (chat template applied on both sides).
   dpo   one epoch of the 256 shipped preference pairs, 8 pairs per step (32 steps), beta 0.1, lr 1e-3.
-The model: a random-init Llama, hidden 256, 4 layers, 4 heads of 64, the project's tiny tokenizer.
+  grpo_long  8 steps, 128 new tokens, on a random-init ~26M model (hidden 512, 8 layers): ~115 tokens per
+        completion, where generation dominates.
+The models: random-init Llamas with the project's tiny tokenizer; grpo and dpo use hidden 256, 4 layers, 4 heads
+of 64 (3.6M parameters).
 """
 
 from __future__ import annotations
@@ -34,7 +40,12 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).parent / "rlhf-cluster"
 DATA = REPO / "rlhf_cluster" / "configs" / "data"
 SEED = 0
-GRPO = dict(steps=30, prompts=4, samples=8, new_tokens=16, beta=0.04, lr=1e-4)
+GRPO = {  # the tiny workload, and a generation-heavy one on a ~26M model that does not stop early
+    "grpo": dict(steps=30, prompts=4, samples=8, new_tokens=16, beta=0.04, lr=1e-4, model="small"),
+    "grpo_long": dict(steps=8, prompts=4, samples=8, new_tokens=128, beta=0.04, lr=1e-4, model="26m"),
+}
+MODELS = {"small": dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4),
+          "26m": dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, num_kv_heads=8)}
 DPO = dict(pairs_per_step=8, beta=0.1, lr=1e-3, max_length=64)
 
 
@@ -86,12 +97,11 @@ def run_measured(cmd: list[str], log: Path) -> tuple[float, float, str]:
 # --------------------------------------------------------------------------- the model and data
 
 
-def build_model(out: Path) -> Path:
+def build_model(out: Path, shape: str) -> Path:
     from rlhf_cluster.tiny import TinySpec, build_tiny_model
 
     if not (out / "config.json").is_file():
-        build_tiny_model(out, spec=TinySpec(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4),
-                         seed=SEED)
+        build_tiny_model(out, spec=TinySpec(**MODELS[shape]), seed=SEED)
     return out
 
 
@@ -106,7 +116,7 @@ def first_last(xs: list[float], k: int = 5) -> tuple[float, float]:
 # --------------------------------------------------------------------------- TRL (child processes)
 
 
-def trl_grpo(model: str, out: str) -> dict:
+def trl_grpo(model: str, out: str, workload: str) -> dict:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -118,7 +128,7 @@ def trl_grpo(model: str, out: str) -> dict:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return [float(x) for x in sentiment([""] * len(texts), texts)]
 
-    g = GRPO
+    g = GRPO[workload]
     args = GRPOConfig(
         output_dir=out, seed=SEED, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
         disable_tqdm=True, max_steps=g["steps"], per_device_train_batch_size=g["prompts"] * g["samples"],
@@ -134,7 +144,7 @@ def trl_grpo(model: str, out: str) -> dict:
             "curve": rewards}
 
 
-def trl_dpo(model: str, out: str) -> dict:
+def trl_dpo(model: str, out: str, workload: str = "dpo") -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -159,14 +169,14 @@ def trl_dpo(model: str, out: str) -> dict:
 
 def ours_cmd(workload: str, model: str, out: str) -> list[str]:
     common = [f"policy.model_name_or_path={model}", f"output_dir={out}", f"seed={SEED}", "--overwrite"]
-    if workload == "grpo":
-        g = GRPO
+    if workload in GRPO:
+        g = GRPO[workload]
         return [str(CLI), "train", "grpo", *common, f"rollout.n_samples_per_prompt={g['samples']}",
                 f"rollout.max_new_tokens={g['new_tokens']}", f"schedule.prompts_per_step={g['prompts']}",
                 f"schedule.num_steps={g['steps']}", "schedule.save_every=0", f"algorithm.kl_coef={g['beta']}",
                 f"algorithm.mini_batch_size={g['prompts'] * g['samples']}", "algorithm.ppo_epochs=1",
                 f"policy.learning_rate={g['lr']}", f"policy.micro_batch_size={g['prompts'] * g['samples']}",
-                "monitors.max_kl_per_token=100"]
+                "monitors.max_kl_per_token=100", "schedule.eval_prompts=0", "schedule.save_final=false"]
     d = DPO
     return [str(CLI), "train", "dpo", *common, f"algorithm.mini_batch_size={d['pairs_per_step']}",
             f"policy.micro_batch_size={d['pairs_per_step']}", f"preference.beta={d['beta']}", f"policy.learning_rate={d['lr']}",
@@ -177,11 +187,11 @@ def ours_result(workload: str, out: Path) -> dict:
     metrics = jsonl(out / "metrics.jsonl")
     steps = [m for m in metrics if "time/step" in m]
     train_wall = sum(m["time/step"] for m in steps)
-    if workload == "grpo":
+    if workload in GRPO:
         curve = [m["reward/mean"] for m in steps]
-        samples = len(steps) * GRPO["prompts"] * GRPO["samples"]
+        samples = len(steps) * GRPO[workload]["prompts"] * GRPO[workload]["samples"]
     else:
-        curve = [m["actor/reward_margin"] for m in steps if "actor/reward_margin" in m]
+        curve = [m["train/reward_margin"] for m in steps if "train/reward_margin" in m]
         samples = len(jsonl(DATA / "prefs_train.jsonl"))
     return {"train_wall": train_wall, "steps": len(steps), "samples": samples, "curve": curve}
 
@@ -232,14 +242,15 @@ def table(results: list[dict]) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workloads", nargs="+", default=["grpo", "dpo"], choices=["grpo", "dpo"])
+    p.add_argument("--workloads", nargs="+", default=["grpo", "dpo"], choices=[*GRPO, "dpo"],
+                   help="grpo_long (8 steps of 128 new tokens on a ~26M model) takes several minutes per side")
     p.add_argument("--repeats", type=int, default=1, help="runs per side and workload, alternated TRL, ours, TRL, ...")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_trl"))
-    p.add_argument("--child", choices=["grpo", "dpo"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=[*GRPO, "dpo"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:  # one TRL run in this fresh process: its result as the last stdout line
-        res = (trl_grpo if a.child == "grpo" else trl_dpo)(a.model, a.out)
+        res = (trl_grpo if a.child in GRPO else trl_dpo)(a.model, a.out, a.child)
         print(json.dumps(res))
         return
     try:
@@ -247,11 +258,12 @@ def main(argv=None) -> None:
     except ImportError:
         raise SystemExit("TRL is not installed: `make bench-trl` installs it (pip install -e '.[bench]')") from None
     out = Path(a.out)
-    model = build_model(out / "model")
-    print(f"TRL {trl.__version__}; model {model} "
-          f"({sum(math.prod(s) for s in _shapes(model)) / 1e6:.2f}M params); alternating TRL and ours, {a.repeats} each")
+    print(f"TRL {trl.__version__}; alternating TRL and ours, {a.repeats} run(s) each")
     results = []
     for w in a.workloads:
+        shape = GRPO[w]["model"] if w in GRPO else "small"
+        model = build_model(out / f"model_{shape}", shape)
+        print(f"{w}: model {model} ({sum(math.prod(x) for x in _shapes(model)) / 1e6:.1f}M params)", flush=True)
         for i in range(a.repeats):
             for side in ("trl", "ours"):
                 results.append(one_run(side, w, model, out, i))

@@ -382,7 +382,10 @@ class ScheduleConfig(_Strict):
     checkpoint_checksums: bool = Field(True, description="Record each checkpoint file's sha256 in its manifest and check "
                                        "it on --resume (off: sizes only, for very large checkpoints).")
     eval_every: int = Field(0, ge=0, description="Evaluate on data.eval_path every N steps (0: start and end only).")
-    eval_prompts: int = Field(32, ge=1, description="Held-out prompts per evaluation.")
+    eval_prompts: int = Field(32, ge=0, description="Held-out prompts per evaluation (online methods: 0 skips every "
+                              "held-out evaluation, the one before training and the one after it included).")
+    save_final: bool = Field(True, description="Online methods: checkpoint after the last step (the final policy "
+                             "directory is written either way); off for throughput runs that never resume.")
 
 
 class MonitorsConfig(_Strict):
@@ -448,7 +451,7 @@ class ClusterConfig(_Strict):
 
 
 _OFFLINE = {"seed", "output_dir", "method", "policy", "data", "cluster", "algorithm.mini_batch_size", "schedule.num_epochs"}
-_ONLINE_SCHEDULE = {f"schedule.{f}" for f in ("num_steps", "prompts_per_step", "save_every", "save_total_limit",
+_ONLINE_SCHEDULE = {f"schedule.{f}" for f in ("num_steps", "prompts_per_step", "save_every", "save_final", "save_total_limit",
                                                 "checkpoint_checksums", "eval_every", "eval_prompts")}
 # What each driver loop reads: whole sections, or single fields as "section.field".
 METHOD_READS: dict[str, set[str]] = {

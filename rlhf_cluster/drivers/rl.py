@@ -202,7 +202,7 @@ class RLRun:
             if "eval/reward_mean" in first:
                 summary["eval_before"] = first["eval/reward_mean"]
         try:
-            if self.step == 0:
+            if self.step == 0 and self.eval_prompts:
                 ev = self.evaluate()
                 summary["eval_before"] = ev["eval/reward_mean"]
                 sink.log(0, {k: v for k, v in ev.items() if not isinstance(v, str)})
@@ -218,7 +218,7 @@ class RLRun:
                     if name not in self.firing:  # said when it starts; metrics.jsonl marks every step it lasts
                         self.log(f"warning: {name} at step {self.step}: {message}")
                 self.firing = set(fired)
-                if (s.eval_every and self.step % s.eval_every == 0) or self.step == s.num_steps:
+                if self.eval_prompts and ((s.eval_every and self.step % s.eval_every == 0) or self.step == s.num_steps):
                     ev = self.evaluate()
                     m.update({k: v for k, v in ev.items() if not isinstance(v, str)})
                     summary["eval_after"] = ev["eval/reward_mean"]
@@ -226,7 +226,7 @@ class RLRun:
                 sink.log(self.step, m)
                 bar.update(reward=f"{m['reward/mean']:+.3f}", gen_tps=f"{m['tps/generation']:.0f}")
                 saved = None
-                if (s.save_every and self.step % s.save_every == 0) or self.step == s.num_steps:
+                if (s.save_every and self.step % s.save_every == 0) or (self.step == s.num_steps and s.save_final):
                     saved = self.save_checkpoint()
                 stop = sorted(set(fired) & set(cfg.monitors.stop_on))
                 if stop:
@@ -258,7 +258,9 @@ def load_prompts(cfg: RunConfig, tokenizer, log=print) -> tuple[list, list]:
     train, rep = build_prompt_examples(load_rows(d.train_path), tokenizer, source=d.train_path, **opts)
     log(rep.summary())
     check_reward_fields(cfg, train, rep)
-    if d.eval_path:
+    if not cfg.schedule.eval_prompts:
+        held = []
+    elif d.eval_path:
         held, rep = build_prompt_examples(load_rows(d.eval_path), tokenizer, source=d.eval_path, **opts)
         log(rep.summary())
         check_reward_fields(cfg, held, rep)
