@@ -45,3 +45,11 @@ class ReferenceScorer(FrozenModel):
     def sequence_logps(self, exp: Experience) -> torch.Tensor:
         """Σ_t log π_ref(a_t|s_t) over each response: (B,) — what the DPO family compares against."""
         return (self.logprobs(exp) * exp.action_mask).sum(-1)
+
+    @torch.no_grad()
+    def logprobs_and_entropy(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """log π(a_t|s_t) and the entropy of π(·|s_t) at every response position: (B, A) each (an eval's KL and
+        entropy from one forward)."""
+        parts = [action_logprobs_and_entropy(self.model, m.input_ids, m.attention_mask, exp.num_actions, with_entropy=True,
+                                             entropy_grad=False) for m in self._micro_batches(exp)]
+        return torch.cat([lp.cpu() for lp, _ in parts]), torch.cat([h.cpu() for _, h in parts])

@@ -42,9 +42,15 @@ def policy_dir(tmp_path_factory) -> Path:
     return out
 
 
-def test_ppo_demo_raises_the_reward(policy_dir, tmp_path):
-    out = tmp_path / "run"
-    stdout = run_cli("train", "configs/ppo_demo.yaml", f"policy.model_name_or_path={policy_dir}", f"output_dir={out}")
+@pytest.fixture(scope="module")
+def ppo_demo(policy_dir, tmp_path_factory) -> tuple[Path, str]:
+    """The PPO demo trained once: its output_dir and the CLI's stdout (the eval test evaluates its policy)."""
+    out = tmp_path_factory.mktemp("ppo_demo") / "run"
+    return out, run_cli("train", "configs/ppo_demo.yaml", f"policy.model_name_or_path={policy_dir}", f"output_dir={out}")
+
+
+def test_ppo_demo_raises_the_reward(ppo_demo):
+    out, stdout = ppo_demo
     s = summary_of(stdout)
     assert s["steps"] == 30 and s["eval_after"] > s["eval_before"] + 0.3, s
     r = [m["reward/mean"] for m in metrics(out) if "reward/mean" in m]
@@ -54,6 +60,38 @@ def test_ppo_demo_raises_the_reward(policy_dir, tmp_path):
     assert (out / "policy" / "model.safetensors").is_file() and (out / "timeline.json").is_file()
     placed = json.loads((out / "placement.json").read_text())
     assert {p["role"] for ps in placed.values() for p in ps} == {"policy", "critic", "reference", "reward", "rollout"}
+
+
+def test_eval_of_the_trained_demo_policy(ppo_demo, policy_dir, tmp_path):
+    """`rlhf-cluster eval` of the demo's trained policy against its base model: the win rate by the demo reward is
+    clearly above 50 %, the base against a second sample of itself (--self-check) has 50 % inside its interval, the
+    probes and the judge (a real loopback chat-completions server) report, and the files are written."""
+    from judge_server import JudgeServer
+
+    trained, _ = ppo_demo
+    judge = JudgeServer()
+    try:
+        stdout = run_cli("eval", "configs/ppo_demo.yaml", "--policy", str(trained / "policy"), "--self-check", "--judge-url",
+                         judge.url, "--judge-model", "longer-wins", "--out", str(tmp_path),
+                         f"policy.model_name_or_path={policy_dir}", "cluster.backend=local")
+    finally:
+        judge.close()
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["reference"] == str(policy_dir) and res["n_prompts"] == 32, res["reference"]
+    w, c = res["win_rate"], res["self_check"]
+    assert w["win_rate_ties_half"] > 0.6 and w["ci_low"] > 0.5, w
+    assert c["ci_low"] <= 0.5 <= c["ci_high"], c
+    assert res["metrics"]["policy"]["reward_mean"] > res["metrics"]["reference"]["reward_mean"] + 0.3, res["metrics"]
+    assert res["metrics"]["policy"]["kl_per_token"] > 0 and len(res["rows"]) == 32
+    assert {"refusal", "over_refusal", "sycophancy"} <= set(res) and res["refusal"]["n"] == res["sycophancy"]["n"] == 16
+    md = (tmp_path / "eval.md").read_text()
+    assert all(h in md for h in ("## Win rate", "## Metrics", "## Refusals", "## Sycophancy", "## LLM judge", "Self-check"))
+    assert (tmp_path / "eval.png").stat().st_size > 1000
+    verdicts = [json.loads(line) for line in (tmp_path / "judge.jsonl").read_text().splitlines()]
+    assert sorted(v["id"] for v in verdicts) == [row["id"] for row in res["rows"]]
+    assert all(v["outcome"] in ("policy", "reference", "tie") for v in verdicts), verdicts
+    assert res["judge"]["n"] == 32 and res["judge"]["errors"] == 0
+    assert "win rate by reward function rlhf_cluster.rewards:sentiment" in stdout and "eval.md" in stdout
 
 
 def test_dpo_improves_the_held_out_preference(policy_dir, tmp_path):
