@@ -399,7 +399,15 @@ class MonitorsConfig(_Strict):
     max_kl_per_token: float = Field(1.0, gt=0, description="kl_blowup: KL(π‖π_ref) per token above this.")
     max_length_corr: float = Field(0.8, gt=0, le=1, description="length_hacking: reward–length correlation above this...")
     length_growth: float = Field(1.5, gt=1, description="...while the mean response length grew by this factor.")
-    stop_on: list[Literal["mode_collapse", "kl_blowup", "length_hacking"]] = Field(
+    gold_function: str | None = Field(
+        None, description="A second reward, 'package.module:function' like reward.function (found the same way), that "
+        "the training reward stands in for: scored on every step's samples (gold/mean, gold/gap) and read by "
+        "reward_hacking. Not trained on.")
+    hacking_rise: float = Field(0.1, gt=0, description="reward_hacking: the reward rose this much over its start "
+                                "(in its own units) while the gold reward rose less than a quarter of that.")
+    refusal_rise: float = Field(0.2, gt=0, le=1, description="over_refusal: the share of samples that refuse rose "
+                                "this much over its start.")
+    stop_on: list[Literal["mode_collapse", "kl_blowup", "length_hacking", "reward_hacking", "over_refusal"]] = Field(
         default_factory=list, description="Monitors that stop the run (after a checkpoint) when they fire.")
 
 
@@ -883,6 +891,11 @@ def preflight(cfg: RunConfig, produced: frozenset[str] = frozenset()) -> None:
             raise ConfigError(f"data.{field}={path!r} does not exist")
     if cfg.method in ("ppo", "online_dpo"):
         _check_reward_source(cfg.reward)
+        if cfg.monitors.gold_function:
+            try:
+                resolve_function(cfg.monitors.gold_function, cfg.reward.code_dir)
+            except ConfigError as e:
+                raise ConfigError(f"monitors.gold_function: {e}") from None
 
 
 def _check_reward_source(r: RewardConfig) -> None:

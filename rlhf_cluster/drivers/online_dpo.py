@@ -19,7 +19,6 @@ from rlhf_cluster.cluster.groups import mean_stats, train_tokens_per_second
 from rlhf_cluster.config import RunConfig
 from rlhf_cluster.drivers.rl import RLRun, run_rl
 from rlhf_cluster.experience import Experience, PairBatch
-from rlhf_cluster.quality.monitors import sample_stats
 
 
 def make_pairs(exp: Experience, scores: torch.Tensor, k: int, mini_batch_size: int) -> tuple[PairBatch | None, dict]:
@@ -85,7 +84,7 @@ class OnlineDPOStep:
 
         return {
             "reward/mean": scores.mean().item(), "reward/std": scores.std().item(), **pair_stats, **upd,
-            **sample_stats(rollout.response_ids, scores),
+            **run.sample_metrics(rollout, scores),
             "response/length_mean": exp.action_mask.sum(-1).mean().item(),
             "time/generation": t_gen, "time/scoring": t_score, "time/training": t_train, "time/sync": t_sync,
             "tps/generation": rollout.gen_tokens / max(t_gen, 1e-9),

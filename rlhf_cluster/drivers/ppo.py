@@ -21,7 +21,6 @@ from rlhf_cluster.cluster.groups import mean_stats, train_tokens_per_second
 from rlhf_cluster.config import RunConfig
 from rlhf_cluster.drivers.rl import RLRun, run_rl
 from rlhf_cluster.experience import Experience, Rollout
-from rlhf_cluster.quality.monitors import sample_stats
 
 
 class PPOStep:
@@ -153,7 +152,7 @@ class PPOStep:
             "reward/std": exp.scores.std().item() if exp.batch_size > 1 else 0.0,
             **adv_stats,
             **self.logprob_mismatch(exp),
-            **sample_stats(rollout.response_ids, exp.scores),
+            **run.sample_metrics(rollout, exp.scores),
             **upd_stats,
             "response/length_mean": exp.action_mask.sum(-1).mean().item(),
             "response/truncated_frac": rollout.truncated_frac,

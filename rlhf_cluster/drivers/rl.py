@@ -40,7 +40,7 @@ from rlhf_cluster.drivers.common import (
 from rlhf_cluster.experience import Rollout, build_experience
 from rlhf_cluster.logs import Progress
 from rlhf_cluster.models import load_tokenizer
-from rlhf_cluster.quality.monitors import MonitorConfig, Monitors
+from rlhf_cluster.quality.monitors import MonitorConfig, Monitors, sample_stats
 from rlhf_cluster.stopping import STOP, Terminated
 from rlhf_cluster.workers.reward_sources import FunctionReward, RewardError, RewardInputs, required_fields
 
@@ -78,7 +78,9 @@ class RLRun:
         self.firing: set[str] = set()
         self.monitors = Monitors(MonitorConfig(warmup=mc.warmup, collapse_fraction=mc.collapse_fraction,
                                                max_kl_per_token=mc.max_kl_per_token, max_length_corr=mc.max_length_corr,
-                                               length_growth=mc.length_growth))
+                                               length_growth=mc.length_growth, hacking_rise=mc.hacking_rise,
+                                               refusal_rise=mc.refusal_rise))
+        self.gold = FunctionReward(mc.gold_function, cfg.reward.code_dir) if mc.gold_function else None
 
     # ------------------------------------------------------------------ phases
     def generate(self, prompts: list, n: int, seed: int) -> Rollout:
@@ -115,6 +117,13 @@ class RLRun:
         else:
             inputs = RewardInputs(exp=rollout.exp.only())
         return self.roles.reward.shard(RewardActor.score, inputs, what=what)
+
+    def sample_metrics(self, rollout: Rollout, scores) -> dict:
+        """The monitors' view of a step's samples (diversity, reward–length, refusals, the gold reward's gap)."""
+        gold = None
+        if self.gold is not None:
+            gold = self.gold.score(RewardInputs(prompts=rollout.prompts, responses=rollout.responses, extras=rollout.extras))
+        return sample_stats(rollout.response_ids, scores, rollout.responses, gold)
 
     def sync_weights(self) -> None:
         """The new policy weights into every engine before the next rollout."""

@@ -9,11 +9,17 @@ the thresholds are relative and model-independent:
 - ``kl_blowup``: KL(π‖π_ref) per token above ``max_kl_per_token``;
 - ``length_hacking``: the reward tracks response length (Pearson correlation above ``max_length_corr``) while
   the mean length has grown by more than ``length_growth`` over the start — the reward is being earned by
-  writing more, the classic reward-model exploit.
+  writing more, the classic reward-model exploit;
+- ``reward_hacking``: with a gold reward configured (``monitors.gold_function``, one the proxy is meant to
+  stand for), the proxy reward has risen by ``hacking_rise`` over its start while the gold reward rose by less
+  than a quarter of that, or fell — the policy is exploiting what the proxy gets wrong;
+- ``over_refusal``: the share of the step's samples that refuse (the data report's refusal patterns) has risen
+  by ``refusal_rise`` over its start.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -32,11 +38,33 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x * y).sum() / denom) if denom > 0 else 0.0
 
 
-def sample_stats(response_ids: list[list[int]], scores: torch.Tensor) -> dict:
-    """What the monitors read from one step's samples."""
+def sample_stats(response_ids: list[list[int]], scores: torch.Tensor, texts: list[str] | None = None,
+                 gold: torch.Tensor | None = None) -> dict:
+    """What the monitors read from one step's samples: diversity, the reward–length correlation, with the
+    decoded ``texts`` the refusal rate, and with ``gold`` rewards of the same samples the proxy–gold gap."""
     lengths = torch.tensor([len(r) for r in response_ids], dtype=torch.float64)
-    return {"response/distinct_1": distinct_n(response_ids, 1), "response/distinct_2": distinct_n(response_ids, 2),
-            "reward/length_corr": pearson(scores, lengths)}
+    out = {"response/distinct_1": distinct_n(response_ids, 1), "response/distinct_2": distinct_n(response_ids, 2),
+           "reward/length_corr": pearson(scores, lengths)}
+    if texts is not None:
+        out["response/refusal_rate"] = refusal_share(texts)
+    if gold is not None:
+        out["gold/mean"] = float(gold.double().mean())
+        out["gold/gap"] = float(scores.double().mean() - gold.double().mean())
+    return out
+
+
+def refusal_share(texts: list[str]) -> float:
+    """The share of ``texts`` that refuse (the data report's refusal patterns)."""
+    from rlhf_cluster.quality.data_report import matches
+
+    return sum(matches(texts, _refusal_patterns())) / len(texts) if texts else 0.0
+
+
+@functools.cache
+def _refusal_patterns():
+    from rlhf_cluster.quality.data_report import REFUSAL_PATTERNS, compile_patterns
+
+    return compile_patterns(list(REFUSAL_PATTERNS))
 
 
 @dataclass
@@ -46,6 +74,8 @@ class MonitorConfig:
     max_kl_per_token: float = 1.0
     max_length_corr: float = 0.8
     length_growth: float = 1.5
+    hacking_rise: float = 0.1
+    refusal_rise: float = 0.2
 
 
 @dataclass
@@ -80,4 +110,17 @@ class Monitors:
                 and length > c.length_growth * base_len:
             fired["length_hacking"] = (f"reward follows length (correlation {corr:.2f}) while responses grew from "
                                        f"{base_len:.1f} to {length:.1f} tokens: the reward is being earned by length")
+        proxy, gold = self.gain(m, "reward/mean"), self.gain(m, "gold/mean")
+        if None not in (proxy, gold) and proxy >= c.hacking_rise and gold < proxy / 4:
+            fired["reward_hacking"] = (f"the reward rose {proxy:+.3f} over its start while the gold reward moved "
+                                       f"{gold:+.3f}: the policy is exploiting the reward, not improving at the task")
+        refusal = self.gain(m, "response/refusal_rate")
+        if refusal is not None and refusal >= c.refusal_rise:
+            fired["over_refusal"] = (f"{m['response/refusal_rate']:.0%} of the samples refuse, {refusal:+.0%} over the start: "
+                                     "the reward pays refusals")
         return fired
+
+    def gain(self, m: dict, key: str) -> float | None:
+        """How far ``key`` has moved over its start (None before the start is known or without the key)."""
+        base = self.baseline(key)
+        return m[key] - base if base is not None and key in m else None

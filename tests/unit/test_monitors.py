@@ -43,3 +43,30 @@ def test_kl_blowup_and_length_hacking():
     assert set(fired[1]) == {"kl_blowup"}
     assert fired[2] == {}  # correlated, but the length has not grown enough
     assert set(fired[3]) == {"length_hacking"} and "grew from 10.0 to 20.0 tokens" in fired[3]["length_hacking"]
+
+
+def test_gold_gap_and_refusal_rate_by_hand():
+    s = sample_stats([[5], [6], [7], [8]], torch.tensor([1.0, 1.0, 0.0, 0.0]),
+                     texts=["I'm sorry, but I can't help with that.", "Sure, here it is.", "I cannot do that.", "ok"],
+                     gold=torch.tensor([0.5, 0.0, 0.0, 0.0]))
+    assert s["gold/mean"] == pytest.approx(0.125) and s["gold/gap"] == pytest.approx(0.5 - 0.125)
+    assert s["response/refusal_rate"] == 0.5
+
+
+def test_reward_hacking_fires_when_the_proxy_rises_and_the_gold_does_not():
+    def step(proxy, gold):
+        return healthy(**{"reward/mean": proxy, "gold/mean": gold})
+
+    fired = run(Monitors(MonitorConfig(warmup=1, hacking_rise=0.1)),
+                [step(0.0, 0.0), step(0.3, 0.2), step(0.3, 0.05), step(0.05, -0.5)])
+    assert fired[1] == {}  # the gold followed the proxy
+    assert set(fired[2]) == {"reward_hacking"} and "rose +0.300" in fired[2]["reward_hacking"] and "+0.050" in fired[2]["reward_hacking"]
+    assert fired[3] == {}  # the proxy has not risen enough to call it hacking
+    assert run(Monitors(MonitorConfig(warmup=1)), [healthy(**{"reward/mean": 0.0}), healthy(**{"reward/mean": 1.0})]) == [{}, {}]
+
+
+def test_over_refusal_fires_when_refusals_rise():
+    fired = run(Monitors(MonitorConfig(warmup=1, refusal_rise=0.2)),
+                [healthy(**{"response/refusal_rate": 0.05}), healthy(**{"response/refusal_rate": 0.15}),
+                 healthy(**{"response/refusal_rate": 0.40})])
+    assert fired[1] == {} and set(fired[2]) == {"over_refusal"} and "40% of the samples refuse, +35%" in fired[2]["over_refusal"]

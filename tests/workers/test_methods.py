@@ -256,3 +256,22 @@ def test_a_monitor_in_stop_on_stops_the_run_after_a_checkpoint(tiny_model_dir, t
     fired = [m["step"] for m in metrics(tmp_path) if m.get("monitor/kl_blowup")]
     assert fired and fired[0] > 3, fired  # never during the warm-up steps
     assert (tmp_path / "checkpoints" / f"step_{fired[0]:06d}" / "manifest.json").is_file()
+
+
+def test_reward_hacking_is_named_when_a_length_loving_reward_leaves_the_gold_behind(tiny_model_dir, tmp_path):
+    """Provoked: the training reward pays length, the gold reward (what it should stand for) is the demo's sentiment.
+    The policy learns to write more and no nicer; the reward_hacking monitor stops the run within a few steps."""
+    from rlhf_cluster.drivers.rl import MonitorStop
+
+    (tmp_path / "proxy.py").write_text("def longer(prompts, responses):\n"
+                                       "    return [min(len(r.split()), 16) / 16 for r in responses]\n")
+    cfg = config("grpo.yaml", tiny_model_dir, tmp_path / "run", "reward.function=proxy:longer", f"reward.code_dir={tmp_path}",
+                 "monitors.gold_function=rlhf_cluster.rewards:sentiment", "monitors.stop_on=[reward_hacking]",
+                 "schedule.num_steps=20", "schedule.eval_prompts=0")
+    with pytest.raises(MonitorStop, match=r"reward_hacking fired .* the gold reward moved"):
+        run_method(cfg)
+    m = metrics(tmp_path / "run")
+    fired = [r["step"] for r in m if r.get("monitor/reward_hacking")]
+    assert fired and 3 < fired[0] <= 20 and "gold/gap" in m[-1], fired
+    print(f"reward_hacking fired at step {fired[0]}: reward {m[0]['reward/mean']:+.3f} -> {m[-1]['reward/mean']:+.3f}, "
+          f"gold {m[0]['gold/mean']:+.3f} -> {m[-1]['gold/mean']:+.3f}")
