@@ -6,6 +6,7 @@ without Ray (tests, single-GPU checks) or inside a Ray actor (cluster layer).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -23,6 +24,14 @@ from rlhf_cluster.models import (
     token_values,
 )
 from rlhf_cluster.workers.objectives import get_objective
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient norm that is NaN or infinite: the run stops naming the update (it would recur)."""
+
+
+NONFINITE_HINT = ("Usual causes: a learning rate too high for the model, rewards or advantages that are NaN or huge "
+                  "(check the reward function), or fp16 overflow (use bf16 or fp32).")
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
@@ -160,6 +169,10 @@ class _DeepSpeedTrainer:
                 micros = list(self._micro_batches(batch.select(order[start : start + per_rank])))
                 for j, micro in enumerate(micros):
                     loss, stats = fn(self.engine, micro, **hparams)
+                    if not torch.isfinite(loss):  # before backward: nothing of this update has been applied
+                        raise NonFiniteError(f"the {objective} loss is {loss.item()} in update {self.update_count + 1} "
+                                             f"(micro-batch {j + 1} of {len(micros)}); this update was not applied. "
+                                             f"{NONFINITE_HINT}")
                     self.engine.backward(loss)
                     if capture_grads and grads is None and j == len(micros) - 1:
                         grads = self._full_grads()
@@ -171,6 +184,9 @@ class _DeepSpeedTrainer:
         self.update_count += 1
         out = {k: v / max(n, 1) for k, v in sums.items()}
         out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        if not math.isfinite(out["grad_norm"]):
+            raise NonFiniteError(f"the gradient norm of {objective} update {self.update_count} is {out['grad_norm']}, so the "
+                                 f"weights are no longer valid: resume from the last checkpoint. {NONFINITE_HINT}")
         out["lr"] = float(self.engine.get_lr()[0])
         out["train_tokens"] = tokens
         out["train_seconds"] = time.perf_counter() - t0

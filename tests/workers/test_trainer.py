@@ -51,3 +51,15 @@ def _with(exp, **fields):
     for k, v in fields.items():
         setattr(out, k, v)
     return out
+
+
+def test_a_non_finite_loss_stops_the_update_before_anything_is_applied(tiny_model_dir):
+    from rlhf_cluster.workers.trainer import NonFiniteError
+
+    exp = random_batch(seed=5)
+    t = _trainer(tiny_model_dir)
+    before = t.logprobs(exp)
+    exp.advantages[3, 2] = float("nan")  # e.g. a reward function that returned NaN for one row
+    with pytest.raises(NonFiniteError, match=r"the ppo loss is nan in update 1 \(micro-batch \d of 2\); this update was not applied"):
+        t.update(_with(exp, rollout_logprobs=before), **PPO)
+    assert torch.equal(t.logprobs(exp), before)
