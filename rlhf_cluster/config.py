@@ -295,6 +295,13 @@ class AlgorithmConfig(_Strict):
     kl_target: float = Field(6.0, gt=0, description="Adaptive controller's target KL.")
     kl_horizon: int = Field(10000, gt=0, description="Adaptive controller's horizon.")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
+    off_policy_steps: int = Field(
+        0, ge=0, le=1, description="0: every step trains on samples of its own weights. 1: the engines sample step "
+        "k+1 while the trainers update on step k, so samples are one policy version old; the update corrects with "
+        "truncated importance sampling (each token's advantage times min(π_θ/π_engine, tis_cap), π_engine the "
+        "engine's log-probs). Pays off when generation and training have their own devices; a resumed run samples "
+        "its first step afresh.")
+    tis_cap: float = Field(2.0, ge=1, description="off_policy_steps: the cap C of the truncated importance weight.")
 
     moved: ClassVar[dict[str, str]] = {
         "dual_clip": "algorithm.policy_loss: dual_clip with algorithm.policy_loss_params: {c: ...} (c > 1, default 3.0)"}

@@ -46,6 +46,13 @@ class EpochSampler:
             self.index += 1
         return out
 
+    def peek(self) -> list:
+        """What ``next`` will return, without moving on (a checkpoint taken now does not count it as seen)."""
+        epoch, index, order = self.epoch, self.index, self._order
+        out = self.next()
+        self.epoch, self.index, self._order = epoch, index, order
+        return out
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
 

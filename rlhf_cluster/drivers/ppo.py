@@ -19,7 +19,7 @@ from rlhf_cluster.algos.ppo import explained_variance
 from rlhf_cluster.cluster.actors import CriticActor, PolicyActor, ReferenceActor
 from rlhf_cluster.cluster.groups import mean_stats, train_tokens_per_second
 from rlhf_cluster.config import RunConfig
-from rlhf_cluster.drivers.rl import RLRun, run_rl
+from rlhf_cluster.drivers.rl import Generation, RLRun, run_rl
 from rlhf_cluster.experience import Experience, Rollout
 
 
@@ -38,8 +38,10 @@ class PPOStep:
         self.kl_in_reward = a.uses_kl and a.kl_penalty == "reward"
         # One epoch over one mini-batch is exactly on-policy: the update's own forward gives the old log-probs,
         # unless the KL in the reward needs them before the advantages.
+        self.off_policy = a.off_policy_steps == 1
         self.reuse_old = (a.ppo_epochs == 1 and cfg.schedule.prompts_per_step * self.n == a.mini_batch_size
-                          and not self.kl_in_reward)
+                          and not self.kl_in_reward and not self.off_policy)
+        self.ahead: Generation | None = None  # off_policy_steps=1: the next step's samples, in flight
 
     def state_dict(self) -> dict:
         return {"kl_ctl": self.kl_ctl.state_dict()}
@@ -101,20 +103,31 @@ class PPOStep:
             stats["critic/values_mean"] = masked_mean(exp.values, mask).item()
         return stats
 
+    def importance_weights(self, run: RLRun, exp: Experience, rollout: Rollout) -> dict:
+        """Off-policy steps: the samples came from the engine's older weights, so each token's advantage is
+        weighted by the truncated importance ratio min(π_θ/π_engine, tis_cap) (TIS; the clipped surrogate is
+        linear in the advantage, so this is the per-token loss weighted)."""
+        mask = exp.action_mask
+        w = ((exp.old_logprobs - exp.rollout_logprobs) * mask).exp().clamp(max=self.a.tis_cap)
+        exp.advantages = exp.advantages * w
+        return {"rollout/staleness": float(run.weights_version - rollout.weights_version),
+                "rollout/tis_weight_mean": masked_mean(w, mask).item(),
+                "rollout/tis_capped_frac": masked_mean((w >= self.a.tis_cap).float(), mask).item()}
+
     def update(self, run: RLRun, exp: Experience) -> dict:
-        """Policy and critic updates, concurrently, each rank on its contiguous shard."""
+        """Policy and critic updates, concurrently, each rank on its contiguous shard (inside the caller's
+        ``roles.sharing`` block, which says what else runs meanwhile)."""
         a, R = self.a, run.roles
         policy_rows = exp.only("advantages", "rollout_logprobs" if self.reuse_old else "old_logprobs",
                                *(("ref_logprobs",) if self.kl_in_loss else ()))
-        with R.sharing("policy", "critic"):
-            p = R.policy.shard(PolicyActor.update, policy_rows, objective="ppo",
-                               epochs=a.ppo_epochs, clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high,
-                               policy_loss=a.policy_loss, policy_loss_params=a.policy_loss_params,
-                               loss_agg_mode=a.loss_agg_mode, entropy_coef=a.entropy_coef,
-                               kl_coef=self.kl_ctl.value if self.kl_in_loss else 0.0, kl_estimator=a.kl_estimator,
-                               what="policy update")
-            c = R.critic.shard(CriticActor.update, exp.only("values", "returns"), objective="value", epochs=a.ppo_epochs,
-                               value_clip=a.value_clip, what="critic update") if R.critic else None
+        p = R.policy.shard(PolicyActor.update, policy_rows, objective="ppo",
+                           epochs=a.ppo_epochs, clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high,
+                           policy_loss=a.policy_loss, policy_loss_params=a.policy_loss_params,
+                           loss_agg_mode=a.loss_agg_mode, entropy_coef=a.entropy_coef,
+                           kl_coef=self.kl_ctl.value if self.kl_in_loss else 0.0, kl_estimator=a.kl_estimator,
+                           what="policy update")
+        c = R.critic.shard(CriticActor.update, exp.only("values", "returns"), objective="value", epochs=a.ppo_epochs,
+                           value_clip=a.value_clip, what="critic update") if R.critic else None
         p_stats = p.get()
         out = {**mean_stats(p_stats, "actor/"), "tps/train_policy": train_tokens_per_second(p_stats),
                "actor/old_logprobs_reused": float(self.reuse_old)}
@@ -128,7 +141,10 @@ class PPOStep:
     # ------------------------------------------------------------------ one step
     def __call__(self, run: RLRun, prompts: list, seed: int) -> dict:
         t = time.perf_counter()
-        rollout = run.generate(prompts, self.n, seed)
+        ahead, self.ahead = self.ahead, None  # off-policy: sampled during the previous step's update
+        if ahead is not None and any(a is not b for a, b in zip(ahead.prompts, prompts, strict=True)):
+            raise RuntimeError("the samples generated ahead are for other prompts than this step's")
+        rollout = run.finish_generation(ahead) if ahead is not None else run.generate(prompts, self.n, seed)
         t_gen = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -137,10 +153,16 @@ class PPOStep:
 
         t = time.perf_counter()
         adv_stats = self.advantages(exp)
+        if self.off_policy:
+            adv_stats.update(self.importance_weights(run, exp, rollout))
         t_adv = time.perf_counter() - t
 
         t = time.perf_counter()
-        upd_stats = self.update(run, exp)
+        nxt = run.upcoming() if self.off_policy else None
+        with run.roles.sharing("policy", "critic", *(("rollout",) if nxt else ())):
+            if nxt is not None:  # the engines sample the next step (with the weights they hold) while the trainers update
+                self.ahead = run.start_generation(nxt[0], self.n, nxt[1])
+            upd_stats = self.update(run, exp)
         t_train = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -11,11 +11,12 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from rlhf_cluster.cluster.actors import PolicyActor, RewardActor, RolloutActor, _TrainerShell
-from rlhf_cluster.cluster.groups import ActorFailure, split_rows
+from rlhf_cluster.cluster.groups import ActorFailure, Pending, split_rows
 from rlhf_cluster.cluster.roles import Roles, open_roles
 from rlhf_cluster.cluster.weight_sync import sync_weights
 from rlhf_cluster.config import ConfigError, RunConfig, preflight, resolve_function
@@ -43,6 +44,16 @@ from rlhf_cluster.models import load_tokenizer
 from rlhf_cluster.quality.monitors import MonitorConfig, Monitors, sample_stats
 from rlhf_cluster.stopping import STOP, Terminated
 from rlhf_cluster.workers.reward_sources import FunctionReward, RewardError, RewardInputs, required_fields
+
+
+@dataclass
+class Generation:
+    """A generation in flight: what was asked, and the policy version the engines held when it was."""
+
+    pending: Pending
+    prompts: list
+    n: int
+    version: int
 
 
 class MonitorStop(RuntimeError):
@@ -84,28 +95,44 @@ class RLRun:
 
     # ------------------------------------------------------------------ phases
     def generate(self, prompts: list, n: int, seed: int) -> Rollout:
-        """``n`` samples per prompt, prompts spread over the engines (samples of one prompt stay adjacent).
+        """``n`` samples per prompt, prompts spread over the engines (samples of one prompt stay adjacent)."""
+        return self.finish_generation(self.start_generation(prompts, n, seed))
 
-        Every engine must have sampled with the current policy version: a stale engine means a
-        weight sync did not reach it, and training on its samples would be silently off-policy.
-        """
+    def start_generation(self, prompts: list, n: int, seed: int) -> Generation:
+        """Submit a generation without waiting for it (the engines sample with the weights they hold now)."""
         engines = self.roles.rollout
         parts = split_rows(len(prompts), len(engines))
-        results = engines.each(RolloutActor.generate, [([p.prompt_ids for p in prompts[s]], seed + s.start * n) for s in parts],
-                               n=n, **self.sampling, what="generate").get()
+        pending = engines.each(RolloutActor.generate, [([p.prompt_ids for p in prompts[s]], seed + s.start * n) for s in parts],
+                               n=n, **self.sampling, what="generate")
+        return Generation(pending, prompts, n, self.weights_version)
+
+    def finish_generation(self, g: Generation) -> Rollout:
+        """The samples of a started generation. Every engine must have sampled with the policy version it was
+        started at: a stale engine means a weight sync did not reach it, and training on its samples would be
+        silently off-policy."""
+        results = g.pending.get()
         for rank, (_, stats) in enumerate(results):
-            if stats["weights_version"] != self.weights_version:
+            if stats["weights_version"] != g.version:
                 raise RuntimeError(f"rollout engine {rank} sampled with policy weights version {stats['weights_version']}, "
-                                   f"but the policy is at version {self.weights_version}: a weight sync did not reach it")
+                                   f"but the policy was at version {g.version}: a weight sync did not reach it")
         samples = [x for part, _ in results for x in part]
         exp = build_experience([s.prompt_ids for s in samples], [s.response_ids for s in samples],
                                self.tokenizer.pad_token_id, [s.logprobs for s in samples])
-        return Rollout(exp, prompts=[p.prompt_text for p in prompts for _ in range(n)],
+        return Rollout(exp, prompts=[p.prompt_text for p in g.prompts for _ in range(g.n)],
                        responses=self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True),
-                       extras=[p.extra for p in prompts for _ in range(n)], weights_version=self.weights_version,
+                       extras=[p.extra for p in g.prompts for _ in range(g.n)], weights_version=g.version,
                        response_ids=[s.response_ids for s in samples],
                        gen_tokens=sum(s["gen_tokens"] for _, s in results),
                        truncated_frac=sum(s.finish_reason == "length" for s in samples) / len(samples))
+
+    def upcoming(self) -> tuple[list, int] | None:
+        """The next step's prompts and seed, without consuming them (None after the last step)."""
+        if self.step + 1 >= self.cfg.schedule.num_steps:
+            return None
+        return self.sampler.peek(), self.step_seed(self.step + 1)
+
+    def step_seed(self, step: int) -> int:
+        return (self.cfg.seed * 1_000_003 + step * 65_537) % 2**31  # sample j of prompt i draws with seed + i·n + j
 
     def rewards(self, rollout: Rollout, what: str = "reward"):
         """r(x, y) for every row, the rows spread over the reward replicas (a Pending: ``.cat()`` gives (B,)).
@@ -188,7 +215,7 @@ class RLRun:
     # ------------------------------------------------------------------ the loop
     def train_step(self) -> dict:
         prompts = self.sampler.next()
-        seed = (self.cfg.seed * 1_000_003 + self.step * 65_537) % 2**31  # sample j of prompt i draws with seed + i·n + j
+        seed = self.step_seed(self.step)
         t0 = time.perf_counter()
         m = self.step_fn(self, prompts, seed)
         self.step += 1

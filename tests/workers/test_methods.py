@@ -95,13 +95,21 @@ def test_ppo_raises_a_reward_model(tiny_model_dir, tmp_path):
     assert rises(rewards(out), 10, 0.03), rewards(out)
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
-def test_critic_free_rl_raises_reward_without_a_critic(tiny_model_dir, tmp_path, capsys, estimator):
-    s = run_method(config(f"{estimator}.yaml", tiny_model_dir, tmp_path, "schedule.num_steps=25", "schedule.save_every=0"))
+@pytest.mark.parametrize("estimator, off_policy", [("grpo", 0), ("rloo", 1), ("reinforce_pp", 0)],
+                         ids=["grpo", "rloo-one-step-off-policy", "reinforce_pp"])
+def test_critic_free_rl_raises_reward_without_a_critic(tiny_model_dir, tmp_path, capsys, estimator, off_policy):
+    """RLOO runs one step off-policy: each step trains on samples drawn during the previous step's update, by weights
+    one version older, corrected by truncated importance weights."""
+    s = run_method(config(f"{estimator}.yaml", tiny_model_dir, tmp_path, "schedule.num_steps=25", "schedule.save_every=0",
+                          f"algorithm.off_policy_steps={off_policy}"))
     actors = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("actors ready"))
     assert "critic" not in actors and "policy×1" in actors, actors
     assert s["eval_after"] > s["eval_before"] + 0.1, s
     assert rises(rewards(tmp_path), 5, 0.05), rewards(tmp_path)
+    if off_policy:
+        steps = [m for m in metrics(tmp_path) if "rollout/staleness" in m]
+        assert [m["rollout/staleness"] for m in steps] == [0.0] + [1.0] * 24  # the first step has nothing generated ahead
+        assert all(0 < m["rollout/tis_weight_mean"] <= 2.0 for m in steps)
 
 
 def test_online_dpo_raises_reward(tiny_model_dir, tmp_path, capsys):
