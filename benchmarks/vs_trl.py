@@ -176,6 +176,7 @@ def ours_cmd(workload: str, model: str, out: str) -> list[str]:
                 f"schedule.num_steps={g['steps']}", "schedule.save_every=0", f"algorithm.kl_coef={g['beta']}",
                 f"algorithm.mini_batch_size={g['prompts'] * g['samples']}", "algorithm.ppo_epochs=1",
                 f"policy.learning_rate={g['lr']}", f"policy.micro_batch_size={g['prompts'] * g['samples']}",
+                f"reference.micro_batch_size={g['prompts'] * g['samples']}",  # one forward per batch, as TRL's
                 "monitors.max_kl_per_token=100", "schedule.eval_prompts=0", "schedule.save_final=false"]
     d = DPO
     return [str(CLI), "train", "dpo", *common, f"algorithm.mini_batch_size={d['pairs_per_step']}",
