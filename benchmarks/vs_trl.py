@@ -6,7 +6,7 @@ TRL's trainers and by ``rlhf-cluster train``, each as a fresh process, alternate
 
 Per run: train wall (the training steps alone: TRL's ``trainer.train()``, our summed ``time/step``),
 process wall (start-up and shutdown included), samples/s over the train wall, peak memory (the PSS of
-the whole process tree, sampled every 0.25 s: the driver, Ray's processes and every actor) and the
+the whole process tree, sampled every second: the driver, Ray's processes and every actor) and the
 learning outcome (mean reward of the first and last 5 steps; DPO: the reward margin). Ratios: train
 throughput ours/TRL and process wall TRL/ours (above 1: we are faster), peak memory ours/TRL (below 1: less).
 
@@ -14,10 +14,11 @@ Like TRL here, our GRPO run skips the held-out evaluations and the final checkpo
 schedule.save_final=false); it still writes the final policy directory.
 
 Workloads (both sides):
-  grpo  30 steps x 4 prompts x 8 samples, 16 new tokens, beta 0.04 (TRL: KL in the loss, ours: the same by
-        default for grpo), lr 1e-4 constant, AdamW betas (0.9, 0.95), one update per rollout, the demo's
-        sentiment reward and prompts (chat template applied on both sides).
-  dpo   one epoch of the 256 shipped preference pairs, 8 pairs per step (32 steps), beta 0.1, lr 1e-3.
+  grpo  30 steps x 4 prompts x 8 samples, 16 new tokens, beta 0.04 (k3 in the loss on both sides, TRL's
+        bias correction off), group std epsilon 1e-4, lr 1e-4 constant, AdamW betas (0.9, 0.95), one update
+        per rollout, the demo's sentiment reward and prompts (chat template applied on both sides).
+  dpo   one epoch of the 256 shipped preference pairs, 8 pairs per step (32 steps), beta 0.1, lr 1e-3, the
+        reference's log-probs computed every step on both sides (ours: preference.reference_mode=on_the_fly).
   grpo_long  8 steps, 128 new tokens, on a random-init ~26M model (hidden 512, 8 layers): ~115 tokens per
         completion, where generation dominates.
 The models: random-init Llamas with the project's tiny tokenizer; grpo and dpo use hidden 256, 4 layers, 4 heads
@@ -52,7 +53,7 @@ DPO = dict(pairs_per_step=8, beta=0.1, lr=1e-3, max_length=64)
 # --------------------------------------------------------------------------- measuring a process tree
 
 
-def peak_pss(proc: subprocess.Popen, every_s: float = 0.25) -> dict:
+def peak_pss(proc: subprocess.Popen, every_s: float = 1.0) -> dict:
     """Poll the PSS of ``proc`` and all its descendants until it exits; {"peak_gib": ...} filled in a thread."""
     import psutil
 
@@ -134,7 +135,7 @@ def trl_grpo(model: str, out: str, workload: str) -> dict:
         disable_tqdm=True, max_steps=g["steps"], per_device_train_batch_size=g["prompts"] * g["samples"],
         num_generations=g["samples"], max_completion_length=g["new_tokens"], temperature=1.0, beta=g["beta"],
         learning_rate=g["lr"], lr_scheduler_type="constant", adam_beta2=0.95, max_grad_norm=1.0, num_iterations=1,
-        epsilon=0.2, loss_type="dapo", dataloader_num_workers=0)
+        epsilon=0.2, loss_type="dapo", use_bias_correction_kl=False, dataloader_num_workers=0)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]))
     t0 = time.perf_counter()
     trainer.train()
@@ -177,11 +178,12 @@ def ours_cmd(workload: str, model: str, out: str) -> list[str]:
                 f"algorithm.mini_batch_size={g['prompts'] * g['samples']}", "algorithm.ppo_epochs=1",
                 f"policy.learning_rate={g['lr']}", f"policy.micro_batch_size={g['prompts'] * g['samples']}",
                 f"reference.micro_batch_size={g['prompts'] * g['samples']}",  # one forward per batch, as TRL's
+                "algorithm.group_std_eps=1e-4",  # TRL's (R - mean) / (std + 1e-4)
                 "monitors.max_kl_per_token=100", "schedule.eval_prompts=0", "schedule.save_final=false"]
     d = DPO
     return [str(CLI), "train", "dpo", *common, f"algorithm.mini_batch_size={d['pairs_per_step']}",
             f"policy.micro_batch_size={d['pairs_per_step']}", f"preference.beta={d['beta']}", f"policy.learning_rate={d['lr']}",
-            "schedule.num_epochs=1"]
+            "schedule.num_epochs=1", "preference.reference_mode=on_the_fly"]  # TRL's reference runs every step
 
 
 def ours_result(workload: str, out: Path) -> dict:

@@ -318,6 +318,9 @@ class AlgorithmConfig(_Strict):
             self.kl_penalty = "loss" if self.advantage_estimator == "grpo" else "reward"
         if self.kl_estimator == "auto":
             self.kl_estimator = "k3" if self.kl_penalty == "loss" else "k1"
+        if self.kl_penalty == "loss" and self.kl_estimator == "k1" and self.uses_kl:
+            raise ValueError("kl_estimator=k1 in the loss has a zero gradient in expectation, so it would not hold the "
+                             "policy near the reference: use kl_estimator=k3 (or k2), or kl_penalty=reward")
         return self
 
     @property

@@ -71,6 +71,7 @@ class Rollout:
     response_ids: list[list[int]]
     gen_tokens: int
     truncated_frac: float
+    gen_seconds: float = 0.0  # the slowest engine's own generation time (the wall wait can be ~0 off-policy)
 
 
 def build_experience(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_cluster.cluster.actors import CriticActor, PolicyActor, ReferenceActor, RewardActor, RolloutActor
-from rlhf_cluster.cluster.groups import ActorGroup, LocalGroup, RoleGroup, check_capacity, cluster_has_gpus
+from rlhf_cluster.cluster.groups import ActorFailure, ActorGroup, LocalGroup, RoleGroup, check_capacity, cluster_has_gpus
 from rlhf_cluster.cluster.layout import role_layout
 from rlhf_cluster.cluster.specs import engine_spec, reward_spec, scorer_spec, trainer_spec
 from rlhf_cluster.cluster.threads import ThreadBudget, node_cpus_and_placement
@@ -71,6 +71,15 @@ class Roles:
     def peak_memory_mib(self) -> dict[str, float]:
         """Every actor's peak resident memory, ``{"policy/0": MiB, ...}`` (one process for the local backend)."""
         return {f"{g.role}/{rank}": round(m, 1) for g in self.all() for rank, m in enumerate(g.peak_rss_mib())}
+
+    def save_diagnostics(self, out: Path, log=print) -> dict:
+        """After training: ``timeline.json`` and every actor's peak memory. An actor lost now costs these figures
+        (a warning), never a restart of the finished run."""
+        try:
+            return {"timeline": str(self.save_timeline(out / "timeline.json")), "peak_rss_mib": self.peak_memory_mib()}
+        except ActorFailure as e:
+            log(f"warning: no timeline or memory figures: {str(e).splitlines()[0]}")
+            return {}
 
     def save_timeline(self, path: Path) -> Path:
         """Every actor's recorded calls as ``{"policy/0": [[name, start, end], ...], ...}`` (wall-clock seconds)."""

@@ -109,10 +109,12 @@ def reward_spec(r) -> RewardSpec:
 
 def engine_spec(cfg, index: int, weight_transfer: str | None) -> EngineSpec:
     r = cfg.rollout
-    rows = max(cfg.schedule.prompts_per_step * r.n_samples_per_prompt, cfg.schedule.eval_prompts)
+    # prompts are split over the engines, their samples stay together: the busiest engine's share, in rows
+    rows = max(-(-cfg.schedule.prompts_per_step // r.num_engines) * r.n_samples_per_prompt,
+               -(-cfg.schedule.eval_prompts // r.num_engines))
     return EngineSpec(model_path=cfg.policy.model_name_or_path, seed=cfg.seed + index,
                       max_model_len=cfg.data.max_prompt_length + r.max_new_tokens, tensor_parallel_size=r.tensor_parallel_size,
                       gpu_memory_utilization=r.gpu_memory_utilization,
                       cpu_kv_cache_gib=None if r.cpu_kv_cache_gib == "auto" else r.cpu_kv_cache_gib,
-                      batch_rows=-(-rows // r.num_engines), enforce_eager=r.enforce_eager, dtype=cfg.policy.dtype,
+                      batch_rows=rows, enforce_eager=r.enforce_eager, dtype=cfg.policy.dtype,
                       weight_transfer=weight_transfer)

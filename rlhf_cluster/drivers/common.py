@@ -263,6 +263,23 @@ def commit_checkpoint(tmp_dir: Path, final_dir: Path, driver_state: dict, checks
     os.replace(tmp_marker, marker)
 
 
+def check_zero_layout(ckpt_dir: Path, zero_stages: dict[str, int]) -> None:
+    """Refuse, before any actor starts, to resume a trainer's DeepSpeed state with or without ZeRO when it was
+    saved the other way (DeepSpeed fails on it with an unrelated error). ``zero_stages``: trained role → the
+    configured stage."""
+    root = ckpt_dir / "deepspeed"
+    for role, stage in zero_stages.items():
+        saved = root / role
+        if not saved.is_dir():
+            continue
+        zero = any(saved.glob("*optim_states.pt"))  # ZeRO keeps its optimizer partitions in files of their own
+        if zero != (stage > 0):
+            raise CheckpointError(
+                f"{ckpt_dir} holds the {role}'s training state saved {'with ZeRO' if zero else 'without ZeRO'}, but "
+                f"{role}.zero_stage is {stage}: resume with {role}.zero_stage={2 if zero else 0} (zero_stage: auto "
+                "picks 0 for one rank and 2 for several)")
+
+
 def load_driver_state(ckpt_dir: Path) -> dict:
     # weights_only=True: a checkpoint is data, never code. RNG states are tensors and tuples.
     return torch.load(ckpt_dir / "driver_state.pt", weights_only=True)

@@ -267,6 +267,5 @@ def run_offline(cfg: RunConfig, log=print) -> dict:
         raise ConfigError("KTO estimates its reference point from the batch: set algorithm.mini_batch_size >= 2")
     with RunLock(cfg.output_dir), open_roles(cfg, log) as roles:
         summary = OfflineRun(cfg, stage, roles.trainer, roles.reference, tokenizer.pad_token_id, train, held, log).fit()
-        summary["timeline"] = str(roles.save_timeline(Path(cfg.output_dir) / "timeline.json"))
-        summary["peak_rss_mib"] = roles.peak_memory_mib()
+        summary.update(roles.save_diagnostics(Path(cfg.output_dir), log))
         return summary

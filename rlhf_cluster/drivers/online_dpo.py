@@ -87,7 +87,7 @@ class OnlineDPOStep:
             **run.sample_metrics(rollout, scores),
             "response/length_mean": exp.action_mask.sum(-1).mean().item(),
             "time/generation": t_gen, "time/scoring": t_score, "time/training": t_train, "time/sync": t_sync,
-            "tps/generation": rollout.gen_tokens / max(t_gen, 1e-9),
+            "tps/generation": rollout.gen_tokens / max(rollout.gen_seconds, 1e-9),
         }
 
 

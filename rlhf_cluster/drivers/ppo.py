@@ -34,6 +34,7 @@ class PPOStep:
         self.estimator = get_advantage_estimator(a.advantage_estimator)
         ctl = KL_CONTROLLERS[a.kl_controller]
         self.kl_ctl = ctl(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_controller == "adaptive" else ctl(a.kl_coef)
+        self.coef = self.kl_ctl.value
         self.kl_in_loss = a.uses_kl and a.kl_penalty == "loss"
         self.kl_in_reward = a.uses_kl and a.kl_penalty == "reward"
         # One epoch over one mini-batch is exactly on-policy: the update's own forward gives the old log-probs,
@@ -85,7 +86,8 @@ class PPOStep:
     def advantages(self, exp: Experience) -> dict:
         """Per-token rewards (with the KL penalty when it goes in the reward), then the configured estimator."""
         a, mask = self.a, exp.action_mask
-        stats: dict = {"kl/coef": self.kl_ctl.value}
+        self.coef = self.kl_ctl.value  # this step's β, in the reward or the loss (the controller then moves on)
+        stats: dict = {"kl/coef": self.coef}
         kl = torch.zeros_like(mask, dtype=torch.float32)
         if exp.ref_logprobs is not None:  # measured on the sampled tokens whatever the placement
             behaviour = exp.old_logprobs if exp.old_logprobs is not None else exp.rollout_logprobs
@@ -93,7 +95,7 @@ class PPOStep:
             kl_seq = kl.sum(-1).mean().item()
             stats.update({"kl/ref_per_token": masked_mean(kl, mask).item(), "kl/ref_per_seq": kl_seq})
             self.kl_ctl.update(kl_seq, exp.batch_size)
-        exp.token_rewards = token_level_rewards(exp.scores, kl, mask, stats["kl/coef"] if self.kl_in_reward else 0.0)
+        exp.token_rewards = token_level_rewards(exp.scores, kl, mask, self.coef if self.kl_in_reward else 0.0)
         adv, ret = self.estimator.fn(exp.token_rewards, mask, values=exp.values, group_size=self.n, gamma=a.gamma, lam=a.lam,
                                      std_eps=a.group_std_eps)
         exp.advantages = masked_whiten(adv, mask) if self.estimator.whiten else adv
@@ -124,7 +126,7 @@ class PPOStep:
                            epochs=a.ppo_epochs, clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high,
                            policy_loss=a.policy_loss, policy_loss_params=a.policy_loss_params,
                            loss_agg_mode=a.loss_agg_mode, entropy_coef=a.entropy_coef,
-                           kl_coef=self.kl_ctl.value if self.kl_in_loss else 0.0, kl_estimator=a.kl_estimator,
+                           kl_coef=self.coef if self.kl_in_loss else 0.0, kl_estimator=a.kl_estimator,
                            what="policy update")
         c = R.critic.shard(CriticActor.update, exp.only("values", "returns"), objective="value", epochs=a.ppo_epochs,
                            value_clip=a.value_clip, what="critic update") if R.critic else None
@@ -183,7 +185,7 @@ class PPOStep:
             "time/advantages": t_adv,
             "time/training": t_train,
             "time/sync": t_sync,
-            "tps/generation": rollout.gen_tokens / max(t_gen, 1e-9),
+            "tps/generation": rollout.gen_tokens / max(rollout.gen_seconds, 1e-9),  # the engines' rate, not the wait
             "tps/scoring": int(exp.attention_mask.sum()) / max(t_score, 1e-9),
             "tokens/generated": rollout.gen_tokens,
         }

@@ -26,6 +26,7 @@ from rlhf_cluster.drivers.common import (
     EpochSampler,
     MetricsSink,
     RunLock,
+    check_zero_layout,
     checkpoint_root,
     clean_stale,
     commit_checkpoint,
@@ -123,6 +124,7 @@ class RLRun:
                        extras=[p.extra for p in g.prompts for _ in range(g.n)], weights_version=g.version,
                        response_ids=[s.response_ids for s in samples],
                        gen_tokens=sum(s["gen_tokens"] for _, s in results),
+                       gen_seconds=max(s["gen_seconds"] for _, s in results),
                        truncated_frac=sum(s.finish_reason == "length" for s in samples) / len(samples))
 
     def upcoming(self) -> tuple[list, int] | None:
@@ -132,7 +134,10 @@ class RLRun:
         return self.sampler.peek(), self.step_seed(self.step + 1)
 
     def step_seed(self, step: int) -> int:
-        return (self.cfg.seed * 1_000_003 + step * 65_537) % 2**31  # sample j of prompt i draws with seed + i·n + j
+        """Step ``step``'s first seed; sample j of prompt i draws with it + i·n + j, so steps stride past a whole batch."""
+        s = self.cfg.schedule
+        stride = max(65_537, s.prompts_per_step * self.cfg.rollout.n_samples_per_prompt)
+        return (self.cfg.seed * 1_000_003 + step * stride) % 2**31
 
     def rewards(self, rollout: Rollout, what: str = "reward"):
         """r(x, y) for every row, the rows spread over the reward replicas (a Pending: ``.cat()`` gives (B,)).
@@ -183,7 +188,8 @@ class RLRun:
             for p in pending:
                 p.get()
             commit_checkpoint(tmp, final, {"step": self.step, "sampler": self.sampler.state_dict(), **self.step_fn.state_dict(),
-                                           "rng": rng_state(), "weights_version": self.weights_version},
+                                           "rng": rng_state(), "weights_version": self.weights_version,
+                                           "monitor_start": self.monitors.start},
                               checksums=s.checkpoint_checksums)
         except (OSError, ActorFailure) as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -210,6 +216,7 @@ class RLRun:
         self.step_fn.load_state_dict(state)
         set_rng_state(state["rng"])
         self.weights_version = state["weights_version"]
+        self.monitors.start = state.get("monitor_start", [])  # the baselines the run's monitors compare with
         self.sync_weights()  # the engines start from the base model; give them the resumed policy
 
     # ------------------------------------------------------------------ the loop
@@ -390,6 +397,8 @@ def run_rl(cfg: RunConfig, step: Step, resume: bool = False, log=print) -> dict:
     if resume and ckpt is None:
         raise CheckpointError(f"--resume: no checkpoint under {checkpoint_root(cfg.output_dir)} can be resumed "
                               "(run without --resume to start afresh)")
+    if ckpt is not None:
+        check_zero_layout(ckpt, {name: getattr(cfg, name).zero_stage for name in step.trained if name in ("policy", "critic")})
     tokenizer = load_tokenizer(cfg.policy.model_name_or_path)
     train, held = load_prompts(cfg, tokenizer, log)
     restarts = Restarts(cfg.fault_tolerance.max_restarts if cfg.cluster.backend == "ray" else 0, log)
@@ -401,8 +410,7 @@ def run_rl(cfg: RunConfig, step: Step, resume: bool = False, log=print) -> dict:
                 with open_roles(cfg, log) as roles:
                     run = RLRun(cfg, roles, tokenizer, train, held, step, log)
                     summary = run.fit(resume_from=ckpt, on_start=restarts.resumed)
-                    summary["timeline"] = str(roles.save_timeline(Path(cfg.output_dir) / "timeline.json"))
-                    summary["peak_rss_mib"] = roles.peak_memory_mib()
+                    summary.update(roles.save_diagnostics(Path(cfg.output_dir), log))
                     return {**summary, "restarts": restarts.records}
             except ActorFailure as e:
                 if not restarts.allow(e):

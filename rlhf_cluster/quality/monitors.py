@@ -83,16 +83,16 @@ class Monitors:
     """Feed each step's metrics to ``check``; it returns the warnings that fire (``{name: message}``)."""
 
     cfg: MonitorConfig = field(default_factory=MonitorConfig)
-    _start: list[dict] = field(default_factory=list)
+    start: list[dict] = field(default_factory=list)  # the first `warmup` steps' metrics (kept in checkpoints)
 
     def baseline(self, key: str) -> float | None:
-        vals = [m[key] for m in self._start if key in m]
+        vals = [m[key] for m in self.start if key in m]
         return sum(vals) / len(vals) if vals else None
 
     def check(self, m: dict) -> dict[str, str]:
         c = self.cfg
-        if len(self._start) < c.warmup:
-            self._start.append(m)
+        if len(self.start) < c.warmup:
+            self.start.append({k: v for k, v in m.items() if isinstance(v, (int, float))})
             return {}
         fired: dict[str, str] = {}
         for key in ("response/distinct_2", "actor/entropy"):

@@ -161,6 +161,7 @@ class _DeepSpeedTrainer:
         n = 0
         grads = None
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.update_count)
+        norm = 0.0
         t0 = time.perf_counter()
         tokens = 0
         for _ in range(epochs):
@@ -176,6 +177,13 @@ class _DeepSpeedTrainer:
                     self.engine.backward(loss)
                     if capture_grads and grads is None and j == len(micros) - 1:
                         grads = self._full_grads()
+                    if j == len(micros) - 1 and self.zero_stage == 0:
+                        # Without ZeRO, DeepSpeed steps a plain torch optimizer and measures no gradient norm
+                        # (its clipping lets NaN through): measure it here, before the step applies anything.
+                        norm = self._grad_norm()
+                        if not math.isfinite(norm):
+                            raise NonFiniteError(f"the gradient norm of {objective} update {self.update_count + 1} is "
+                                                 f"{norm}; this update was not applied. {NONFINITE_HINT}")
                     self.engine.step()
                     tokens += micro.num_tokens()
                     for k, v in {"loss": loss.detach(), **stats}.items():
@@ -183,7 +191,8 @@ class _DeepSpeedTrainer:
                     n += 1
         self.update_count += 1
         out = {k: v / max(n, 1) for k, v in sums.items()}
-        out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        measured = self.engine.get_global_grad_norm()
+        out["grad_norm"] = float(measured if measured is not None else (norm if self.zero_stage == 0 else 0.0))
         if not math.isfinite(out["grad_norm"]):
             raise NonFiniteError(f"the gradient norm of {objective} update {self.update_count} is {out['grad_norm']}, so the "
                                  f"weights are no longer valid: resume from the last checkpoint. {NONFINITE_HINT}")
@@ -205,6 +214,11 @@ class _DeepSpeedTrainer:
             for k, v in {"loss": loss, **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * micro.batch_size
         return {k: v / batch.batch_size for k, v in sums.items()}
+
+    def _grad_norm(self) -> float:
+        """The global L2 norm of this rank's accumulated gradients (ZeRO stage 0: they are whole on every rank)."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
 
     def _full_grads(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_grad

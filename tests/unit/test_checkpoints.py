@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from rlhf_cluster.drivers.common import (
+    CheckpointError,
     RunLock,
     RunLockError,
+    check_zero_layout,
     clean_stale,
     commit_checkpoint,
     prune_checkpoints,
@@ -107,3 +109,17 @@ def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_holder(tmp_pa
                 pass
     with RunLock(tmp_path):  # released when the first run ends
         pass
+
+
+def test_resuming_with_or_without_zero_against_the_checkpoint_is_refused_naming_the_setting(tmp_path):
+    """DeepSpeed writes ZeRO's optimizer partitions to *optim_states.pt files; a stage-0 engine cannot load them."""
+    (tmp_path / "deepspeed" / "policy").mkdir(parents=True)
+    (tmp_path / "deepspeed" / "policy" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    (tmp_path / "deepspeed" / "critic").mkdir()
+    (tmp_path / "deepspeed" / "critic" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    check_zero_layout(tmp_path, {"policy": 2, "critic": 0})
+    with pytest.raises(CheckpointError, match=r"policy's training state saved with ZeRO, but policy.zero_stage is 0: "
+                                              r"resume with policy.zero_stage=2"):
+        check_zero_layout(tmp_path, {"policy": 0, "critic": 0})
+    with pytest.raises(CheckpointError, match=r"critic's training state saved without ZeRO.*critic.zero_stage=0"):
+        check_zero_layout(tmp_path, {"policy": 3, "critic": 2})

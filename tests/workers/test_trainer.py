@@ -26,6 +26,7 @@ def test_on_policy_update_reuses_its_forward_and_matches_the_separate_old_logpro
     given = a.update(_with(exp, old_logprobs=old), **PPO)
     reused = b.update(_with(exp, rollout_logprobs=exp.rollout_logprobs), **PPO)
     assert reused["loss"] == pytest.approx(given["loss"], rel=1e-6, abs=1e-7)
+    assert reused["grad_norm"] == pytest.approx(given["grad_norm"], rel=1e-5) and given["grad_norm"] > 0  # measured at ZeRO 0
     assert reused["ratio_mean"] == pytest.approx(1.0)
     assert reused["logprob_mismatch"] == pytest.approx(0.01, rel=1e-4)
     for name, g in given["grads"].items():
@@ -61,5 +62,19 @@ def test_a_non_finite_loss_stops_the_update_before_anything_is_applied(tiny_mode
     before = t.logprobs(exp)
     exp.advantages[3, 2] = float("nan")  # e.g. a reward function that returned NaN for one row
     with pytest.raises(NonFiniteError, match=r"the ppo loss is nan in update 1 \(micro-batch \d of 2\); this update was not applied"):
+        t.update(_with(exp, rollout_logprobs=before), **PPO)
+    assert torch.equal(t.logprobs(exp), before)
+
+
+def test_a_non_finite_gradient_stops_the_update_before_the_step(tiny_model_dir):
+    """A finite loss whose gradient is NaN (here forced by a hook): at ZeRO stage 0 DeepSpeed measures no norm and
+    its clipping lets NaN through, so the trainer measures the norm itself and stops before the optimizer step."""
+    from rlhf_cluster.workers.trainer import NonFiniteError
+
+    exp = random_batch(seed=6)
+    t = _trainer(tiny_model_dir)
+    before = t.logprobs(exp)
+    next(t.engine.module.parameters()).register_hook(lambda g: g * float("nan"))
+    with pytest.raises(NonFiniteError, match=r"the gradient norm of ppo update 1 is nan; this update was not applied"):
         t.update(_with(exp, rollout_logprobs=before), **PPO)
     assert torch.equal(t.logprobs(exp), before)
