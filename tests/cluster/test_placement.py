@@ -36,7 +36,9 @@ BASE = ["policy.model_name_or_path=/unused", "reward.model_name_or_path=/unused-
 def _placements(cfg):
     roles = start_roles(cfg)
     try:
-        return {g.role: g.placements() for g in roles.all()}
+        # ~10 actor processes importing torch at once on two cores: a fresh clone's full suite once took >120 s
+        # to schedule two of them (alone this module takes 24 s), so allow more than the 120-s default.
+        return {g.role: g.placements(timeout_s=360) for g in roles.all()}
     finally:
         roles.shutdown()
 
