@@ -16,15 +16,15 @@ fails is recorded as an error with its message and the run goes on, so one bad p
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from rlhf_cluster.http_post import post_json
 
 SYSTEM_PROMPT = (
     "You compare two AI assistants' answers to the same user request and decide which one serves the user "
@@ -101,36 +101,12 @@ class JudgeClient:
             self.headers["Authorization"] = f"Bearer {key}"
 
     def complete(self, messages: list[dict]) -> str:
-        import urllib.error
-        import urllib.request
-
         cfg = self.cfg
         body = json.dumps({"model": cfg.model, "messages": messages, "temperature": 0, "max_tokens": cfg.max_tokens}).encode()
-        last = ""
-        for attempt in range(cfg.max_retries + 1):
-            if attempt:
-                time.sleep(cfg.backoff_s * 2 ** (attempt - 1))
-            req = urllib.request.Request(self.endpoint, data=body, headers=self.headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=cfg.timeout_s) as resp:
-                    raw = resp.read()
-            except urllib.error.HTTPError as e:
-                try:
-                    detail = e.read()[:200].decode(errors="replace").strip()
-                except (OSError, http.client.HTTPException):
-                    detail = ""
-                if e.code == 429 or e.code >= 500:
-                    last = f"HTTP {e.code} {detail}".strip()
-                    continue
-                raise JudgeError(f"judge {self.endpoint} answered HTTP {e.code}: {detail}") from None
-            except (TimeoutError, urllib.error.URLError, http.client.HTTPException, OSError) as e:
-                reason = getattr(e, "reason", e)
-                last = (f"no answer within {cfg.timeout_s:g} s" if isinstance(reason, TimeoutError) or "timed out" in str(reason)
-                        else f"cannot connect ({reason})")
-                continue
-            return self._content(raw)
-        raise JudgeError(f"judge {self.endpoint}: {last} (after {cfg.max_retries + 1} attempts; raise the judge's "
-                         "timeout_s / max_retries, or check the server)")
+        raw = post_json(self.endpoint, body, self.headers, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+                        backoff_s=cfg.backoff_s, what=f"judge {self.endpoint}", error=JudgeError,
+                        hint="raise the judge's timeout_s / max_retries, or check the server")
+        return self._content(raw)
 
     def _content(self, raw: bytes) -> str:
         try:

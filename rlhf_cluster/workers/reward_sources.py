@@ -20,7 +20,6 @@ import json
 import math
 import numbers
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from rlhf_cluster.experience import Experience
+from rlhf_cluster.http_post import post_json
 from rlhf_cluster.models import load_scalar_model, pick_device, resolve_dtype, sequence_scores
 from rlhf_cluster.workers.scorers import FrozenModel
 
@@ -170,37 +170,16 @@ class HttpReward:
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def _post(self, prompts: list[str], responses: list[str], extras: list[dict]) -> torch.Tensor:
-        import urllib.error
-        import urllib.request
-
         body = json.dumps({"prompts": prompts, "responses": responses, "extras": extras}, default=str).encode()
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            req = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    raw = resp.read()
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:200].decode(errors="replace")
-                if e.code == 429 or e.code >= 500:
-                    last = f"HTTP {e.code} {detail}".strip()
-                    continue
-                raise RewardError(f"reward server {self.url} answered HTTP {e.code}: {detail}") from None
-            except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as e:
-                reason = getattr(e, "reason", e)
-                last = f"no answer within {self.timeout_s:g} s" if isinstance(reason, TimeoutError) or "timed out" in str(reason) \
-                    else f"cannot connect ({reason})"
-                continue
-            try:
-                rewards = json.loads(raw)["rewards"]
-            except (ValueError, KeyError, TypeError):
-                raise RewardError(f"reward server {self.url} must answer JSON {{\"rewards\": [...]}}, got "
-                                  f"{raw[:120].decode(errors='replace')!r}") from None
-            return as_rewards(rewards, len(responses), f"reward server {self.url}")
-        raise RewardError(f"reward server {self.url}: {last} (after {self.max_retries + 1} attempts; "
-                          "raise reward.timeout_s / reward.max_retries, or check the server)")
+        raw = post_json(self.url, body, self.headers, timeout_s=self.timeout_s, max_retries=self.max_retries,
+                        backoff_s=self.backoff_s, what=f"reward server {self.url}", error=RewardError,
+                        hint="raise reward.timeout_s / reward.max_retries, or check the server")
+        try:
+            rewards = json.loads(raw)["rewards"]
+        except (ValueError, KeyError, TypeError):
+            raise RewardError(f"reward server {self.url} must answer JSON {{\"rewards\": [...]}}, got "
+                              f"{raw[:120].decode(errors='replace')!r}") from None
+        return as_rewards(rewards, len(responses), f"reward server {self.url}")
 
 
 def build_reward_source(spec) -> ModelReward | FunctionReward | HttpReward:
