@@ -10,7 +10,6 @@ Every call is recorded as a span (name, start, end) so benchmarks can draw a tim
 from __future__ import annotations
 
 import os
-import socket
 import time
 from contextlib import contextmanager
 
@@ -56,13 +55,15 @@ class _Shell:
         return {"role": self.role, "rank": self.rank, "node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
 
-    def free_port(self) -> tuple[str, int]:
+    def reserve_port(self) -> tuple[str, int]:
+        """A port on this node's cluster address, held open until this process's store serves it
+        (:mod:`rlhf_cluster.workers.rendezvous`): the address and port the other ranks connect to."""
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-            return host, s.getsockname()[1]
+        from rlhf_cluster.workers.rendezvous import reserve
+
+        host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        return host, reserve(host)
 
     def set_threads(self, n: int) -> None:
         """Run torch on ``n`` threads from the next call on (the driver's thread budget for the coming phase)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from rlhf_cluster import stopping
+from rlhf_cluster.cluster import reaper
 
 
 class ConnectError(RuntimeError):
@@ -224,6 +225,7 @@ def connect(address: str | None, *, num_cpus: int | None = None, timeout_s: floa
     if addr.kind == "local":
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, logging_level="WARNING")
         stopping.reinstall()  # ray.init replaced our SIGTERM/SIGINT handler with its crash-dump one
+        reaper.watch()  # this Ray is ours: nothing of it may outlive this process, even a kill -9 of it
         return
     use_token_if_available()
     if addr.kind == "dashboard":

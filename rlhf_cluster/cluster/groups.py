@@ -139,7 +139,7 @@ class RoleGroup:
         """Every rank loads ``spec`` into one torch.distributed group (rank 0 hosts the rendezvous)."""
         from rlhf_cluster.cluster.actors import _TrainerShell
 
-        addr, port = self.on_rank0(_TrainerShell.free_port)
+        addr, port = self.on_rank0(_TrainerShell.reserve_port)
         return self.call(_TrainerShell.init, spec, len(self), addr, port, what="init")
 
     def on_rank0(self, fn: Callable, *args):

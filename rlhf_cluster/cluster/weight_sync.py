@@ -27,7 +27,7 @@ def resolve_backend(requested: str, use_gpu: bool, local: bool) -> str:
 def connect_weight_sync(policy: RoleGroup, rollout: RoleGroup, backend: str, tensor_parallel_size: int,
                         bucket_bytes: int) -> None:
     """Policy rank 0 and every engine worker form one broadcast group (vLLM's weight-transfer protocol)."""
-    addr, port = policy.on_rank0(PolicyActor.free_port)
+    addr, port = policy.on_rank0(PolicyActor.reserve_port)
     policy.call(PolicyActor.init_weight_transfer, backend, rollout.actors, tensor_parallel_size, addr, port, bucket_bytes,
                 what="weight-transfer setup").get()
 

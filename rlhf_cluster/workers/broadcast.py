@@ -70,10 +70,12 @@ def join_group(address: str, port: int, rank: int, world_size: int, timeout_s: f
 
     Returns ``(store, group)``; keep the store referenced as long as the group is used.
     """
-    from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
+    from torch.distributed import PrefixStore, ProcessGroupGloo
+
+    from rlhf_cluster.workers.rendezvous import store as tcp_store
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = TCPStore(address, port, world_size, rank == 0, timeout=timeout)
+    store = tcp_store(address, port, world_size, rank == 0, timeout_s)
     group = ProcessGroupGloo(PrefixStore("rlhf_cluster_weights", store), rank, world_size, timeout)
     return store, group
 

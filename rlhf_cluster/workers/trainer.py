@@ -6,6 +6,7 @@ without Ray (tests, single-GPU checks) or inside a Ray actor (cluster layer).
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import time
@@ -23,6 +24,7 @@ from rlhf_cluster.models import (
     resolve_dtype,
     token_values,
 )
+from rlhf_cluster.workers import rendezvous
 from rlhf_cluster.workers.objectives import get_objective
 
 
@@ -32,6 +34,9 @@ class NonFiniteError(FloatingPointError):
 
 NONFINITE_HINT = ("Usual causes: a learning rate too high for the model, rewards or advantages that are NaN or huge "
                   "(check the reward function), or fp16 overflow (use bf16 or fp32).")
+
+
+RENDEZVOUS_TIMEOUT_S = 1800.0  # torch's default for the world group
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
@@ -49,8 +54,12 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
         MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
     )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size,
-                               init_method=f"tcp://{master_addr}:{master_port}")
+    # Our own store (on the address and socket rank 0 reserved), so the rendezvous listens only on the
+    # cluster address; DeepSpeed then adopts the initialised group.
+    store = rendezvous.store(master_addr, master_port, world_size, rank == 0, RENDEZVOUS_TIMEOUT_S)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size)
 
 
 def _forget_deepspeed_groups() -> None:

@@ -117,3 +117,38 @@ def test_an_engine_that_died_is_named_when_the_weight_sync_fails(local_ray, tiny
     finally:
         policy.shutdown()
         rollout.shutdown()
+
+
+def test_nothing_of_an_embedded_ray_outlives_a_driver_killed_outright(tmp_path):
+    """kill -9 of a driver that started its own Ray: its GCS, raylet, workers and the raylet's two agents (which Ray
+    itself leaves running) are all gone within seconds."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from rlhf_cluster.cluster.reaper import ray_descendants
+
+    driver = subprocess.Popen([sys.executable, "-c", "import time\nfrom rlhf_cluster.cluster.connect import connect\n"
+                               "connect(None, num_cpus=1)\nprint('up', flush=True)\ntime.sleep(600)\n"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "up"
+        deadline = time.monotonic() + 30
+        while not any(psutil.Process(p).name().endswith("Agent") or "Agent" in " ".join(psutil.Process(p).cmdline())
+                      for p in ray_descendants(driver.pid)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        ours = ray_descendants(driver.pid)
+        assert any("Agent" in " ".join(psutil.Process(p).cmdline()) for p in ours), "the raylet's agents never started"
+        time.sleep(2.5)  # the watcher notes the processes every 2 s
+    finally:
+        driver.kill()
+        driver.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        left = [p for p, t in ours.items() if psutil.pid_exists(p) and abs(psutil.Process(p).create_time() - t) < 1e-3
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, [" ".join(psutil.Process(p).cmdline()) for p in left]
