@@ -195,14 +195,14 @@ def _user_error(e: Exception) -> bool:
     from rlhf_cluster.cluster.connect import ConnectError
     from rlhf_cluster.cluster.groups import ActorFailure
     from rlhf_cluster.data import DataError
-    from rlhf_cluster.drivers.common import CheckpointError, RunLockError
+    from rlhf_cluster.drivers.common import BadStepsError, CheckpointError, RunLockError
     from rlhf_cluster.drivers.rl import MonitorStop
     from rlhf_cluster.jobs import JobError
     from rlhf_cluster.workers.reward_sources import RewardError
     from rlhf_cluster.workers.trainer import UnsafeCheckpointError
 
     return isinstance(e, (ConfigError, DataError, ActorFailure, ConnectError, JobError, FileNotFoundError, CheckpointError,
-                          RunLockError, RewardError, UnsafeCheckpointError, MonitorStop))
+                          RunLockError, RewardError, UnsafeCheckpointError, MonitorStop, BadStepsError))
 
 
 def _run(args) -> int:

@@ -422,7 +422,8 @@ class MonitorsConfig(_Strict):
 
 
 class FaultToleranceConfig(_Strict):
-    """Automatic recovery of the online methods (ppo, online_dpo) from a dead actor or a hung call."""
+    """Automatic recovery of the online methods (ppo, online_dpo) from a dead actor or a hung call, and the steps
+    skipped for non-finite values (every method)."""
 
     max_restarts: int = Field(
         1, ge=0, description="How often a run restarts itself after an actor died (its process killed, out of memory, "
@@ -431,6 +432,11 @@ class FaultToleranceConfig(_Strict):
         "checkpoint are redone. An error raised inside an actor (a bad model file, a reward function that raises) would "
         "happen again and is not retried. 0: stop at the first failure. Applies with cluster.backend=ray; with "
         "backend=local every role is in the driver's process and there is nothing to restart.")
+    max_bad_steps: int = Field(
+        3, ge=1, description="A step whose rewards are not finite (NaN or inf from the reward) or whose loss or "
+        "gradient norm is not finite is skipped (nothing of it is applied; the weights, optimizer state and "
+        "learning-rate schedule stay as they were) and said in the log and metrics.jsonl (step/skipped); after this "
+        "many skipped steps in a row the run stops, naming the last cause. Every method, offline stages included.")
 
 
 class ClusterConfig(_Strict):
@@ -468,7 +474,8 @@ class ClusterConfig(_Strict):
 # ----------------------------------------------------------------------------- run
 
 
-_OFFLINE = {"seed", "output_dir", "method", "policy", "data", "cluster", "algorithm.mini_batch_size", "schedule.num_epochs"}
+_OFFLINE = {"seed", "output_dir", "method", "policy", "data", "cluster", "algorithm.mini_batch_size", "schedule.num_epochs",
+            "fault_tolerance.max_bad_steps"}
 _ONLINE_SCHEDULE = {f"schedule.{f}" for f in ("num_steps", "prompts_per_step", "save_every", "save_final", "save_total_limit",
                                                 "checkpoint_checksums", "eval_every", "eval_prompts")}
 # What each driver loop reads: whole sections, or single fields as "section.field".

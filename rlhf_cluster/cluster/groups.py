@@ -61,7 +61,8 @@ def _take(x, s: slice):
 
 def mean_stats(stats: Sequence[dict], prefix: str = "", skip: tuple[str, ...] = ("train_tokens", "train_seconds")) -> dict:
     """Per-rank stat dicts averaged key by key (``prefix`` prepended), e.g. for a data-parallel update."""
-    return {f"{prefix}{k}": sum(s[k] for s in stats) / len(stats) for k in stats[0] if k not in skip}
+    keys = dict.fromkeys(k for s in stats for k, v in s.items() if k not in skip and isinstance(v, (int, float)))
+    return {f"{prefix}{k}": sum(s[k] for s in stats if k in s) / sum(k in s for s in stats) for k in keys}
 
 
 def train_tokens_per_second(stats: Sequence[dict]) -> float:

@@ -379,3 +379,47 @@ def clear_output_dir(output_dir: str | Path, log=print) -> list[Path]:
                 path.unlink()
     log(f"--overwrite: removed the previous run's {', '.join(p.name for p in gone)} from {d}")
     return gone
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+
+
+class SkipStep(Exception):
+    """This step's inputs are unusable (a non-finite reward): nothing is trained on them and the run moves on."""
+
+
+class BadStepsError(RuntimeError):
+    """Too many steps in a row were skipped for non-finite values (``fault_tolerance.max_bad_steps``)."""
+
+
+class BadSteps:
+    """Steps skipped for non-finite values (rewards, losses, gradient norms): each one said, and the run stopped
+    after ``limit`` in a row, naming the last cause. A clean step resets the count."""
+
+    HINT = ("Usual causes: a reward function that returns NaN or inf for some responses, a learning rate too high "
+            "for the model, or fp16 overflow (use bf16 or fp32).")
+
+    def __init__(self, limit: int, log=print):
+        self.limit, self.log = limit, log
+        self.in_a_row = 0
+        self.total = 0
+
+    def record(self, step: int, reason: str | None) -> None:
+        if reason is None:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        self.log(f"warning: step {step}: {reason}; nothing of it was applied ({self.in_a_row} in a row, the run stops "
+                 f"at fault_tolerance.max_bad_steps={self.limit})")
+        if self.in_a_row >= self.limit:
+            raise BadStepsError(f"stopped at step {step}: {self.in_a_row} steps in a row were skipped for non-finite "
+                                f"values (fault_tolerance.max_bad_steps={self.limit}); the last: {reason}. {self.HINT}")
+
+
+def skip_reason(stats: Sequence[dict], role: str) -> str | None:
+    """The first rank's account of skipped optimizer steps in an update (``None`` when every step was applied)."""
+    for s in stats:
+        if s.get("skip_reason"):
+            return f"{role}: {s['skip_reason']}"
+    return None

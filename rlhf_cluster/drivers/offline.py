@@ -35,7 +35,7 @@ from rlhf_cluster.data import (
     load_rows,
     preference_to_feedback,
 )
-from rlhf_cluster.drivers.common import EpochSampler, MetricsSink, RunLock, plot_curve, read_metrics
+from rlhf_cluster.drivers.common import BadSteps, EpochSampler, MetricsSink, RunLock, plot_curve, read_metrics, skip_reason
 from rlhf_cluster.experience import Experience, FeedbackBatch, PairBatch, build_experience
 from rlhf_cluster.logs import Progress
 from rlhf_cluster.models import load_tokenizer
@@ -213,6 +213,9 @@ class OfflineRun:
                                    what="update").get()
         secs = time.perf_counter() - t
         m = mean_stats(stats, "train/")
+        if skip_reason(stats, self.stage.objective):
+            m["skip_reason"] = skip_reason(stats, self.stage.objective)
+            m["step/skipped"] = 1
         m["tps/train"] = sum(s["train_tokens"] for s in stats) / max(secs, 1e-9)
         m["time/prepare"] = t - t0  # collation and the on-the-fly reference forward
         m["time/training"] = secs
@@ -235,12 +238,15 @@ class OfflineRun:
             summary["eval_before"] = {k: before[f"eval/{k}"] for k in self.stage.headline if f"eval/{k}" in before}
             self.log("step 0: held-out " + "  ".join(f"{k} {v:+.4f}" for k, v in summary["eval_before"].items()))
             bar = Progress(steps, 0, self.stage.objective, self.log)
+            bad = BadSteps(cfg.fault_tolerance.max_bad_steps, self.log)
             for step in range(1, steps + 1):
                 m = self.train_step()
+                skipped = m.pop("skip_reason", None)
                 if step % steps_per_epoch == 0 or step == steps:
                     m.update(self.evaluate())
                 sink.log(step, m)
-                bar.update(loss=f"{m['train/loss']:.4f}")
+                bar.update(**({"loss": f"{m['train/loss']:.4f}"} if "train/loss" in m else {"skipped": "non-finite"}))
+                bad.record(step, skipped)
                 if STOP.signum is not None:  # SIGTERM/SIGINT: stop between steps (offline stages restart from inputs)
                     bar.close()
                     raise Terminated(STOP.signum, None, step)

@@ -17,6 +17,7 @@ import torch
 from rlhf_cluster.cluster.actors import PolicyActor, ReferenceActor
 from rlhf_cluster.cluster.groups import mean_stats, train_tokens_per_second
 from rlhf_cluster.config import RunConfig
+from rlhf_cluster.drivers.common import skip_reason
 from rlhf_cluster.drivers.rl import RLRun, run_rl
 from rlhf_cluster.experience import Experience, PairBatch
 
@@ -62,7 +63,7 @@ class OnlineDPOStep:
         t_gen = time.perf_counter() - t
 
         t = time.perf_counter()
-        scores = run.rewards(rollout).cat()
+        scores = run.finite_rewards(run.rewards(rollout).cat(), rollout)  # NaN/inf: the step is skipped
         pairs, pair_stats = make_pairs(exp, scores, self.k, self.mini)
         if pairs is not None and R.reference is not None:
             pairs.ref_logps = R.reference.shard(ReferenceActor.sequence_logps, pairs.seqs, what="reference log-probs").cat()
@@ -75,6 +76,8 @@ class OnlineDPOStep:
                                    beta=p.beta, loss_params=p.loss_params,
                                    what="policy update").get()
             upd = {**mean_stats(stats, "actor/"), "tps/train_policy": train_tokens_per_second(stats)}
+            if skip_reason(stats, "policy"):
+                upd["skip_reason"] = skip_reason(stats, "policy")
         t_train = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -19,6 +19,7 @@ from rlhf_cluster.algos.ppo import explained_variance
 from rlhf_cluster.cluster.actors import CriticActor, PolicyActor, ReferenceActor
 from rlhf_cluster.cluster.groups import mean_stats, train_tokens_per_second
 from rlhf_cluster.config import RunConfig
+from rlhf_cluster.drivers.common import skip_reason
 from rlhf_cluster.drivers.rl import Generation, RLRun, run_rl
 from rlhf_cluster.experience import Experience, Rollout
 
@@ -133,11 +134,15 @@ class PPOStep:
         p_stats = p.get()
         out = {**mean_stats(p_stats, "actor/"), "tps/train_policy": train_tokens_per_second(p_stats),
                "actor/old_logprobs_reused": float(self.reuse_old)}
+        skipped = [skip_reason(p_stats, "policy")]
         if "actor/logprob_mismatch" in out:
             out["rollout/logprob_mismatch"] = out.pop("actor/logprob_mismatch")
         if c is not None:
             c_stats = c.get()
             out.update({**mean_stats(c_stats, "critic/"), "tps/train_critic": train_tokens_per_second(c_stats)})
+            skipped.append(skip_reason(c_stats, "critic"))
+        if any(skipped):
+            out["skip_reason"] = "; ".join(r for r in skipped if r)
         return out
 
     # ------------------------------------------------------------------ one step
@@ -151,6 +156,7 @@ class PPOStep:
 
         t = time.perf_counter()
         exp = self.score(run, rollout)
+        run.finite_rewards(exp.scores, rollout)  # NaN/inf: the step is skipped, nothing trained on it
         t_score = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from rlhf_cluster.cluster.actors import PolicyActor, RewardActor, RolloutActor, _TrainerShell
 from rlhf_cluster.cluster.groups import ActorFailure, Pending, split_rows
 from rlhf_cluster.cluster.roles import Roles, open_roles
@@ -22,10 +24,12 @@ from rlhf_cluster.cluster.weight_sync import sync_weights
 from rlhf_cluster.config import ConfigError, RunConfig, preflight, resolve_function
 from rlhf_cluster.data import DataReport, build_prompt_examples, load_rows
 from rlhf_cluster.drivers.common import (
+    BadSteps,
     CheckpointError,
     EpochSampler,
     MetricsSink,
     RunLock,
+    SkipStep,
     check_zero_layout,
     checkpoint_root,
     clean_stale,
@@ -93,6 +97,7 @@ class RLRun:
                                                length_growth=mc.length_growth, hacking_rise=mc.hacking_rise,
                                                refusal_rise=mc.refusal_rise))
         self.gold = FunctionReward(mc.gold_function, cfg.reward.code_dir) if mc.gold_function else None
+        self.bad_steps = BadSteps(cfg.fault_tolerance.max_bad_steps, log)
 
     # ------------------------------------------------------------------ phases
     def generate(self, prompts: list, n: int, seed: int) -> Rollout:
@@ -150,6 +155,17 @@ class RLRun:
             inputs = RewardInputs(exp=rollout.exp.only())
         return self.roles.reward.shard(RewardActor.score, inputs, what=what)
 
+    def finite_rewards(self, scores: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+        """``scores`` when every one is finite; otherwise the step is skipped (:class:`SkipStep`) naming the source."""
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        if bad:
+            r, i = self.cfg.reward, bad[0]
+            source = {"function": f"reward.function={r.function!r}", "url": f"the reward server {r.url}",
+                      "model": f"the reward model {r.model_name_or_path}"}.get(r.kind, "the reward")
+            raise SkipStep(f"{source} returned {scores[i].item()} for {len(bad)} of {len(scores)} responses (the first: "
+                           f"response {i}, to the prompt {rollout.prompts[i][:60]!r})")
+        return scores
+
     def sample_metrics(self, rollout: Rollout, scores) -> dict:
         """The monitors' view of a step's samples (diversity, reward–length, refusals, the gold reward's gap)."""
         gold = None
@@ -166,7 +182,9 @@ class RLRun:
         """Mean reward of one sample per held-out prompt, with the training sampling settings."""
         rollout = self.generate(self.eval_prompts, 1, seed=12345)
         scores = self.rewards(rollout, what="eval reward").cat()
-        return {"eval/reward_mean": scores.mean().item(), "eval/response_length": rollout.exp.action_mask.sum(-1).mean().item(),
+        scores = scores[torch.isfinite(scores)]  # a non-finite reward is said where training meets it
+        mean = scores.mean().item() if len(scores) else 0.0
+        return {"eval/reward_mean": mean, "eval/response_length": rollout.exp.action_mask.sum(-1).mean().item(),
                 "eval/sample": rollout.responses[0][:200]}
 
     # ------------------------------------------------------------------ checkpoints
@@ -224,8 +242,13 @@ class RLRun:
         prompts = self.sampler.next()
         seed = self.step_seed(self.step)
         t0 = time.perf_counter()
-        m = self.step_fn(self, prompts, seed)
+        try:
+            m = self.step_fn(self, prompts, seed)
+        except SkipStep as e:  # nothing trained on this step's samples; its prompts count as used
+            m = {"skip_reason": f"skipped, since {e}"}
         self.step += 1
+        if "skip_reason" in m:
+            m["step/skipped"] = 1
         m["time/step"] = time.perf_counter() - t0
         m["time/other"] = m["time/step"] - sum(v for k, v in m.items() if k.startswith("time/") and k not in ("time/step", "time/other"))
         return m
@@ -255,7 +278,8 @@ class RLRun:
                 on_start()
             while self.step < s.num_steps:
                 m = self.train_step()
-                fired = self.monitors.check(m)
+                skipped = m.pop("skip_reason", None)
+                fired = self.monitors.check(m) if "reward/mean" in m else {}
                 for name, message in fired.items():
                     m[f"monitor/{name}"] = 1
                     if name not in self.firing:  # said when it starts; metrics.jsonl marks every step it lasts
@@ -267,7 +291,9 @@ class RLRun:
                     summary["eval_after"] = ev["eval/reward_mean"]
                     summary["sample_after"] = ev["eval/sample"]
                 sink.log(self.step, m)
-                bar.update(reward=f"{m['reward/mean']:+.3f}", gen_tps=f"{m['tps/generation']:.0f}")
+                bar.update(**({"reward": f"{m['reward/mean']:+.3f}", "gen_tps": f"{m['tps/generation']:.0f}"}
+                              if "reward/mean" in m else {"skipped": "non-finite reward"}))
+                self.bad_steps.record(self.step, skipped)
                 saved = None
                 if (s.save_every and self.step % s.save_every == 0) or (self.step == s.num_steps and s.save_final):
                     saved = self.save_checkpoint()

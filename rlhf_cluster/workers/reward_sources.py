@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import numbers
 import os
 from collections.abc import Callable
@@ -55,7 +54,7 @@ class RewardInputs:
 
 
 def as_rewards(out, n: int, source: str) -> torch.Tensor:
-    """A source's answer checked and turned into (n,) float32: one finite real number per row, nothing else."""
+    """A source's answer checked and turned into (n,) float32: one real number per row, nothing else."""
     if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
         raise RewardError(f"{source} must return one number per response (a list of {n} floats), "
                           f"got {type(out).__name__}")
@@ -67,8 +66,7 @@ def as_rewards(out, n: int, source: str) -> torch.Tensor:
             hint = " (use 1.0/0.0, not True/False)" if isinstance(v, bool) else ""
             raise RewardError(f"{source} returned {type(v).__name__} {v!r} for response {i}; "
                               f"each reward must be a real number{hint}")
-        if not math.isfinite(v):
-            raise RewardError(f"{source} returned a non-finite reward ({v}) for response {i}")
+    # NaN and inf pass: the driver skips the step they occur in, counting it toward fault_tolerance.max_bad_steps
     return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
 

@@ -10,6 +10,7 @@ import datetime
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,7 +30,25 @@ from rlhf_cluster.workers.objectives import get_objective
 
 
 class NonFiniteError(FloatingPointError):
-    """A loss or gradient norm that is NaN or infinite: the run stops naming the update (it would recur)."""
+    """A non-finite loss or gradient norm that reached the weights (an update step that could not be skipped)."""
+
+
+@contextmanager
+def _skipped_step(optimizer):
+    """DeepSpeed's ``engine.step()`` without the optimizer's step: the weights and the optimizer state stay as they
+    were, the gradients are cleared, and DeepSpeed counts the step as skipped (``skipped_steps``, no learning-rate
+    step) exactly as it does for an fp16 overflow, so its counters stay consistent."""
+    saved = {k: optimizer.__dict__[k] for k in ("step", "overflow") if k in optimizer.__dict__}
+    optimizer.step = lambda *args, **kwargs: None
+    optimizer.overflow = True
+    try:
+        yield
+    finally:
+        for k in ("step", "overflow"):
+            if k in saved:
+                setattr(optimizer, k, saved[k])
+            else:
+                delattr(optimizer, k)
 
 
 NONFINITE_HINT = ("Usual causes: a learning rate too high for the model, rewards or advantages that are NaN or huge "
@@ -89,7 +108,8 @@ def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, offload_params
         "gradient_accumulation_steps": gas,
         "gradient_clipping": max_grad_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": dtype == torch.bfloat16},
+        # bf16 under ZeRO: a non-finite gradient skips the step (as fp16 overflow does) instead of reaching the weights.
+        "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True},
         "fp16": {"enabled": dtype == torch.float16},
         # We pass a torch AdamW: DeepSpeed's fused CPU Adam needs a compiled op that CPU wheels lack.
         "zero_allow_untested_optimizer": True,
@@ -173,37 +193,59 @@ class _DeepSpeedTrainer:
         norm = 0.0
         t0 = time.perf_counter()
         tokens = 0
+        steps, skipped, why = 0, 0, ""
+        skipped_by_deepspeed = self.engine.skipped_steps
         for _ in range(epochs):
             order = torch.randperm(batch.batch_size, generator=gen)
             for start in range(0, batch.batch_size, per_rank):
                 micros = list(self._micro_batches(batch.select(order[start : start + per_rank])))
+                bad_loss = ""
                 for j, micro in enumerate(micros):
                     loss, stats = fn(self.engine, micro, **hparams)
-                    if not torch.isfinite(loss):  # before backward: nothing of this update has been applied
-                        raise NonFiniteError(f"the {objective} loss is {loss.item()} in update {self.update_count + 1} "
-                                             f"(micro-batch {j + 1} of {len(micros)}); this update was not applied. "
-                                             f"{NONFINITE_HINT}")
+                    if torch.isfinite(loss):
+                        for k, v in {"loss": loss.detach(), **stats}.items():
+                            sums[k] = sums.get(k, 0.0) + float(v)
+                        n += 1
+                    elif not bad_loss:
+                        bad_loss = f"the {objective} loss is {loss.item()} (micro-batch {j + 1} of {len(micros)})"
+                    # A non-finite loss still goes through backward: its non-finite gradient is what makes this
+                    # optimizer step skipped below (or by DeepSpeed), on every rank alike, so no rank waits on another.
                     self.engine.backward(loss)
                     if capture_grads and grads is None and j == len(micros) - 1:
                         grads = self._full_grads()
+                    skip = False
                     if j == len(micros) - 1 and self.zero_stage == 0:
                         # Without ZeRO, DeepSpeed steps a plain torch optimizer and measures no gradient norm
                         # (its clipping lets NaN through): measure it here, before the step applies anything.
                         norm = self._grad_norm()
-                        if not math.isfinite(norm):
-                            raise NonFiniteError(f"the gradient norm of {objective} update {self.update_count + 1} is "
-                                                 f"{norm}; this update was not applied. {NONFINITE_HINT}")
-                    self.engine.step()
+                        skip = not math.isfinite(norm) or bool(bad_loss)
+                    if skip:
+                        with _skipped_step(self.engine.optimizer):  # DeepSpeed counts it skipped, keeps the lr
+                            self.engine.step()
+                    else:
+                        self.engine.step()
                     tokens += micro.num_tokens()
-                    for k, v in {"loss": loss.detach(), **stats}.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    n += 1
+                steps += 1
+                if self.engine.skipped_steps - skipped_by_deepspeed > skipped:  # this step was skipped
+                    skipped += 1
+                    why = why or bad_loss or f"the gradient norm is {norm if self.zero_stage == 0 else 'not finite'}"
+                elif bad_loss:  # ZeRO without a gradient-norm check (no clipping) applied it
+                    raise NonFiniteError(f"{bad_loss} in {objective} update {self.update_count + 1}, and the "
+                                         "optimizer step was applied, so the weights are no longer valid: resume "
+                                         f"from the last checkpoint. {NONFINITE_HINT}")
         self.update_count += 1
-        out = {k: v / max(n, 1) for k, v in sums.items()}
+        out = {k: v / n for k, v in sums.items()} if n else {}
+        out["skipped_steps"] = skipped
+        out["optimizer_steps"] = steps
+        if skipped:
+            out["skip_reason"] = (f"{skipped} of {steps} optimizer steps of {objective} update {self.update_count} "
+                                  f"skipped, the first because {why}")
         measured = self.engine.get_global_grad_norm()
-        out["grad_norm"] = float(measured if measured is not None else (norm if self.zero_stage == 0 else 0.0))
-        if not math.isfinite(out["grad_norm"]):
-            raise NonFiniteError(f"the gradient norm of {objective} update {self.update_count} is {out['grad_norm']}, so the "
+        grad_norm = float(measured if measured is not None else (norm if self.zero_stage == 0 else 0.0))
+        if math.isfinite(grad_norm):
+            out["grad_norm"] = grad_norm
+        elif not skipped:
+            raise NonFiniteError(f"the gradient norm of {objective} update {self.update_count} is {grad_norm}, so the "
                                  f"weights are no longer valid: resume from the last checkpoint. {NONFINITE_HINT}")
         out["lr"] = float(self.engine.get_lr()[0])
         out["train_tokens"] = tokens

@@ -14,7 +14,7 @@ import torch
 
 from rlhf_cluster.cluster.groups import ActorFailure, _died
 from rlhf_cluster.config import ConfigError
-from rlhf_cluster.drivers.common import RunLock, RunLockError, check_output_dir, clear_output_dir
+from rlhf_cluster.drivers.common import BadSteps, BadStepsError, RunLock, RunLockError, check_output_dir, clear_output_dir
 from rlhf_cluster.drivers.rl import Restarts
 from rlhf_cluster.stopping import STOP
 
@@ -143,3 +143,18 @@ def test_a_restart_is_recorded_and_said_and_the_last_failure_counts_them(tmp_pat
     assert str(second) == "policy rank 0 died during update: ActorDiedError: ... (after 1 automatic restart)"
     r.failed(ActorFailure("x", "timeout", "reward rank 0"), reached=1, ckpt=None)  # nothing saved yet: from step 0
     assert r.records[-1]["resumed_from_step"] == 0 and "resuming from step 0 (no checkpoint yet)" in said[-1]
+
+
+def test_skipped_steps_are_said_and_only_so_many_in_a_row_are_tolerated():
+    said = []
+    bad = BadSteps(3, said.append)
+    bad.record(1, "reward.function='m:f' returned nan")
+    bad.record(2, None)  # a clean step resets the count
+    bad.record(3, "policy: 1 of 1 optimizer steps skipped")
+    bad.record(4, "x")
+    with pytest.raises(BadStepsError, match=r"stopped at step 5: 3 steps in a row were skipped for non-finite values "
+                                            r"\(fault_tolerance.max_bad_steps=3\); the last: the last one\. Usual causes"):
+        bad.record(5, "the last one")
+    assert bad.total == 4 and len(said) == 4
+    assert said[0] == ("warning: step 1: reward.function='m:f' returned nan; nothing of it was applied (1 in a row, the "
+                       "run stops at fault_tolerance.max_bad_steps=3)")

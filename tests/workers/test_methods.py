@@ -284,3 +284,27 @@ def test_reward_hacking_is_named_when_a_length_loving_reward_leaves_the_gold_beh
     assert fired and 3 < fired[0] <= 20 and "gold/gap" in m[-1], fired
     print(f"reward_hacking fired at step {fired[0]}: reward {m[0]['reward/mean']:+.3f} -> {m[-1]['reward/mean']:+.3f}, "
           f"gold {m[0]['gold/mean']:+.3f} -> {m[-1]['gold/mean']:+.3f}")
+
+
+def test_a_step_with_a_nan_reward_is_skipped_and_the_run_goes_on(tiny_model_dir, tmp_path, capsys):
+    """A reward function that answers NaN for one response of one training step: that step trains on nothing (said
+    in the log and metrics.jsonl), the others train as usual, and the run finishes."""
+    (tmp_path / "flaky.py").write_text(
+        "from rlhf_cluster.rewards import sentiment\n"
+        "def flaky(prompts, responses):\n"
+        "    r = sentiment(prompts, responses)\n"
+        "    hit = [i for i, p in enumerate(prompts) if 'How is the river?' in p]\n"
+        "    if len(responses) > 32 and hit:  # training batches only: the one step an epoch that has this prompt\n"
+        "        r[hit[0]] = float('nan')\n"
+        "    return r\n")
+    out = tmp_path / "run"
+    run_method(config("grpo.yaml", tiny_model_dir, out, "reward.function=flaky:flaky", f"reward.code_dir={tmp_path}",
+                      "schedule.num_steps=8", "schedule.save_every=0", "schedule.eval_prompts=8"))
+    lines = [m for m in metrics(out) if m["step"] > 0]
+    skipped = [m["step"] for m in lines if m.get("step/skipped")]
+    assert len(lines) == 8 and len(skipped) == 1, skipped
+    assert all("reward/mean" in m and "actor/loss" in m for m in lines if m["step"] not in skipped)
+    assert not any(k.startswith(("reward/", "actor/")) for k in lines[skipped[0] - 1])
+    log = capsys.readouterr().out
+    assert (f"warning: step {skipped[0]}: skipped, since reward.function='flaky:flaky' returned nan for 1 of 64 "
+            "responses (the first: response ") in log

@@ -54,27 +54,42 @@ def _with(exp, **fields):
     return out
 
 
-def test_a_non_finite_loss_stops_the_update_before_anything_is_applied(tiny_model_dir):
-    from rlhf_cluster.workers.trainer import NonFiniteError
+def _trainer_at(model_dir, zero_stage):
+    return PolicyTrainer(model_path=str(model_dir), zero_stage=zero_stage, micro_batch_size=4, mini_batch_size=8,
+                         learning_rate=1e-2, seed=0)
 
-    exp = random_batch(seed=5)
-    t = _trainer(tiny_model_dir)
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_a_non_finite_loss_skips_the_step_and_the_next_update_is_as_if_it_never_happened(tiny_model_dir, zero_stage):
+    """A NaN advantage (e.g. a reward function that returned NaN) makes the loss NaN: the optimizer step is skipped
+    on every rank (stage 0 by the trainer's own check, ZeRO by DeepSpeed's), the weights, Adam's moments and the
+    learning-rate schedule stay as they were, so a clean update afterwards equals a fresh trainer's first one."""
+    exp, clean = random_batch(seed=5), random_batch(seed=7)
+    t = _trainer_at(tiny_model_dir, zero_stage)
     before = t.logprobs(exp)
-    exp.advantages[3, 2] = float("nan")  # e.g. a reward function that returned NaN for one row
-    with pytest.raises(NonFiniteError, match=r"the ppo loss is nan in update 1 \(micro-batch \d of 2\); this update was not applied"):
-        t.update(_with(exp, rollout_logprobs=before), **PPO)
+    bad = _with(exp, rollout_logprobs=before)
+    bad.advantages[3, 2] = float("nan")
+    out = t.update(bad, **PPO)
+    assert out["skipped_steps"] == out["optimizer_steps"] == 1
+    assert "the ppo loss is nan (micro-batch 1 of 2)" in out["skip_reason"]
     assert torch.equal(t.logprobs(exp), before)
+    old = t.logprobs(clean)
+    ours = t.update(_with(clean, rollout_logprobs=old), **{**PPO, "capture_grads": False})
+    assert ours["skipped_steps"] == 0
+    fresh = _trainer_at(tiny_model_dir, zero_stage)
+    theirs = fresh.update(_with(clean, rollout_logprobs=old), **{**PPO, "capture_grads": False})
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+    torch.testing.assert_close(t.logprobs(clean), fresh.logprobs(clean), rtol=1e-5, atol=1e-5)
 
 
-def test_a_non_finite_gradient_stops_the_update_before_the_step(tiny_model_dir):
+def test_a_non_finite_gradient_skips_the_step(tiny_model_dir):
     """A finite loss whose gradient is NaN (here forced by a hook): at ZeRO stage 0 DeepSpeed measures no norm and
-    its clipping lets NaN through, so the trainer measures the norm itself and stops before the optimizer step."""
-    from rlhf_cluster.workers.trainer import NonFiniteError
-
+    its clipping lets NaN through, so the trainer measures the norm itself and skips the optimizer step."""
     exp = random_batch(seed=6)
     t = _trainer(tiny_model_dir)
     before = t.logprobs(exp)
     next(t.engine.module.parameters()).register_hook(lambda g: g * float("nan"))
-    with pytest.raises(NonFiniteError, match=r"the gradient norm of ppo update 1 is nan; this update was not applied"):
-        t.update(_with(exp, rollout_logprobs=before), **PPO)
+    out = t.update(_with(exp, rollout_logprobs=before), **PPO)
+    assert out["skipped_steps"] == 1 and "the gradient norm is nan" in out["skip_reason"]
+    assert "grad_norm" not in out and torch.isfinite(torch.tensor(out["loss"]))
     assert torch.equal(t.logprobs(exp), before)
