@@ -52,6 +52,10 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     again.add_argument("--overwrite", action="store_true",
                        help="output_dir holds a previous run: delete its outputs (checkpoints, metrics, plots, the "
                             "trained model) and start afresh; without it (or --resume) such a run is refused")
+    again.add_argument("--auto-resume", action="store_true",
+                       help="continue from the newest checkpoint that verifies if output_dir has one, else start "
+                            "afresh (replacing what a run that never checkpointed left): for a scheduler that "
+                            "requeues a preempted job with the same command line (Slurm --requeue, Kubernetes)")
     t.add_argument("--no-checkpoint-on-signal", dest="checkpoint_on_signal", action="store_false",
                    help="on SIGTERM/SIGINT stop after the current step without writing a checkpoint first")
     t.add_argument("--connect-timeout", type=float, default=None, metavar="S", help="give up reaching --address after S seconds")
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if t.checkpoint is not None:
             again = [a for a in argv[1:] if a != "--overwrite"]  # the resumed run keeps what this one wrote
             print(f"checkpoint: {t.checkpoint}\nresume with: rlhf-cluster train {' '.join(again)}"
-                  f"{'' if '--resume' in again else ' --resume'}", file=sys.stderr)
+                  f"{'' if {'--resume', '--auto-resume'} & set(again) else ' --resume'}", file=sys.stderr)
         return 128 + t.signum
     except KeyboardInterrupt:
         print("\ninterrupted; the actors were shut down", file=sys.stderr)
@@ -266,8 +270,9 @@ def _train(args) -> int:
 
     _terminate_gracefully(args)
     if is_pipeline(args.config):
-        if args.resume:
-            raise ConfigError("--resume continues one run; for a pipeline, resume its stage's config instead")
+        if args.resume or args.auto_resume:
+            raise ConfigError(f"--{'resume' if args.resume else 'auto-resume'} continues one run; for a pipeline, "
+                              "resume its stage's config instead")
         stages = load_pipeline(args.config, args.overrides)
         for st in stages:
             if args.address:
@@ -280,7 +285,8 @@ def _train(args) -> int:
             print_summary(summary)
         return 0
     cfg = load_config(args.config, list(args.overrides) + _cluster_overrides(args))
-    summary = run_method(cfg, resume=args.resume, overwrite=args.overwrite)
+    resume, overwrite = auto_resume(cfg) if args.auto_resume else (args.resume, args.overwrite)
+    summary = run_method(cfg, resume=resume, overwrite=overwrite)
     print_summary(summary)
     return 0
 
@@ -334,6 +340,23 @@ def _config(args) -> int:
     cfg = load_config(args.config, args.overrides)
     print(explain(cfg) if args.explain else dump_config(cfg), end="")
     return 0
+
+
+def auto_resume(cfg, log=print) -> tuple[bool, bool]:
+    """``--auto-resume``: ``(resume, overwrite)`` for what ``cfg.output_dir`` holds — resume from a checkpoint that
+    verifies (online methods), else start afresh over whatever an earlier attempt left (offline stages always
+    restart from their inputs)."""
+    from rlhf_cluster.drivers.common import latest_checkpoint, previous_outputs
+
+    online = cfg.method in ("ppo", "online_dpo")
+    if online and latest_checkpoint(cfg.output_dir) is not None:  # the resume verifies it (falling back as usual)
+        log(f"--auto-resume: resuming from the checkpoint in {cfg.output_dir}")
+        return True, False
+    if previous_outputs(cfg.output_dir):
+        why = f"no checkpoint in {cfg.output_dir}" if online else f"method={cfg.method} restarts from its inputs"
+        log(f"--auto-resume: {why}; starting afresh in {cfg.output_dir}")
+        return False, True
+    return False, False
 
 
 def run_method(cfg, resume: bool = False, log=print, overwrite: bool = False) -> dict:

@@ -401,7 +401,8 @@ def test_sbatch_run_starts_authenticated_ray_trains_and_stops(tmp_path):
     assert "--dashboard-host=127.0.0.1" in head[0] and "--port=6379" in head[0] and "--num-gpus=8" in head[0]
     assert len(workers) == 1 and "--address=192.0.2.10:6379" in workers[0] and auth in workers[0], log
     assert any(l.startswith("srun ") and "--exclude=node1" in l and "--nodes=2" in l for l in log), "workers on the other 2 nodes"
-    assert train == [f"rlhf-cluster train {tmp_path}/shared/configs/ppo.yaml policy.num_nodes=2 --address 192.0.2.10:6379 | {auth}"]
+    assert train == [f"rlhf-cluster train {tmp_path}/shared/configs/ppo.yaml policy.num_nodes=2 --address 192.0.2.10:6379 "
+                     f"--auto-resume | {auth}"]
     stops = [i for i, l in enumerate(log) if l.startswith("ray stop")]
     assert stops and stops[-1] > log.index(train[0]), "Ray must be stopped after the run"
 

@@ -158,3 +158,25 @@ def test_skipped_steps_are_said_and_only_so_many_in_a_row_are_tolerated():
     assert bad.total == 4 and len(said) == 4
     assert said[0] == ("warning: step 1: reward.function='m:f' returned nan; nothing of it was applied (1 in a row, the "
                        "run stops at fault_tolerance.max_bad_steps=3)")
+
+
+def test_auto_resume_continues_a_checkpoint_else_starts_afresh(tmp_path, tiny_model_dir):
+    """What a requeued job (same command line) gets: the checkpoint if there is one, a fresh start otherwise."""
+    from rlhf_cluster.cli import auto_resume
+    from rlhf_cluster.config import load_config
+
+    def cfg(name, out):
+        return load_config(REPO / "configs" / name, [f"output_dir={out}", f"policy.model_name_or_path={tiny_model_dir}"])
+
+    said = []
+    assert auto_resume(cfg("grpo.yaml", tmp_path / "new"), said.append) == (False, False)  # nothing there: plain start
+    crashed = used(tmp_path / "crashed")  # metrics and a step directory, but no committed checkpoint (no `latest`)
+    assert auto_resume(cfg("grpo.yaml", crashed), said.append) == (False, True)
+    (crashed / "checkpoints" / "latest").write_text("step_000003")
+    assert auto_resume(cfg("grpo.yaml", crashed), said.append) == (True, False)
+    assert auto_resume(cfg("sft.yaml", crashed), said.append) == (False, True)  # offline stages restart from inputs
+    assert said == [f"--auto-resume: no checkpoint in {crashed}; starting afresh in {crashed}",
+                    f"--auto-resume: resuming from the checkpoint in {crashed}",
+                    f"--auto-resume: method=sft restarts from its inputs; starting afresh in {crashed}"]
+    p = cli("train", "configs/grpo.yaml", "--auto-resume", "--resume")
+    assert p.returncode == 2 and "not allowed with argument" in p.stderr, p.stderr
