@@ -232,7 +232,8 @@ def test_sigterm_checkpoints_between_steps_and_resume_matches_the_uninterrupted_
     full, _ = ppo_run
     out = tmp_path / "run"
     cli = [str(Path(sys.executable).parent / "rlhf-cluster"), "train", "configs/ppo_demo.yaml", "cluster.backend=local",
-           f"policy.model_name_or_path={tiny_model_dir}", f"output_dir={out}", "schedule.save_every=15"]
+           f"policy.model_name_or_path={tiny_model_dir}", f"output_dir={out}", "schedule.save_every=15",
+           "schedule.num_steps=12"]  # the full run's first 12 steps
     proc = subprocess.Popen(cli, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -243,12 +244,13 @@ def test_sigterm_checkpoints_between_steps_and_resume_matches_the_uninterrupted_
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 143, (stdout[-2000:], stderr[-3000:])
     step = int(re.search(r"stopped on SIGTERM at step (\d+)", stderr).group(1))
-    assert 5 <= step < 30 and f"checkpoint: {out / 'checkpoints' / f'step_{step:06d}'}" in stderr, stderr
+    assert 5 <= step < 12 and f"checkpoint: {out / 'checkpoints' / f'step_{step:06d}'}" in stderr, stderr
     assert "resume with: rlhf-cluster train configs/ppo_demo.yaml" in stderr and stderr.rstrip().endswith("--resume")
     said = []  # the resume runs here, in-process (the printed command was checked above)
-    run_method(config("ppo_demo.yaml", tiny_model_dir, out, "schedule.save_every=15"), resume=True, log=said.append)
+    run_method(config("ppo_demo.yaml", tiny_model_dir, out, "schedule.save_every=15", "schedule.num_steps=12"),
+               resume=True, log=said.append)
     assert f"resumed from {out / 'checkpoints' / f'step_{step:06d}'} at step {step}" in said
-    a, b = metrics(full), metrics(out)
+    a, b = metrics(full)[:13], metrics(out)
     assert [m["step"] for m in b] == [m["step"] for m in a]
     for ma, mb in zip(a, b):
         for k in ("reward/mean", "actor/pg_loss", "critic/loss"):
@@ -287,24 +289,58 @@ def test_reward_hacking_is_named_when_a_length_loving_reward_leaves_the_gold_beh
 
 
 def test_a_step_with_a_nan_reward_is_skipped_and_the_run_goes_on(tiny_model_dir, tmp_path, capsys):
-    """A reward function that answers NaN for one response of one training step: that step trains on nothing (said
-    in the log and metrics.jsonl), the others train as usual, and the run finishes."""
+    """A reward function that answers NaN for one response of the second training step: that step trains on nothing
+    (said in the log and metrics.jsonl), the others train as usual, and the run finishes."""
     (tmp_path / "flaky.py").write_text(
+        "from pathlib import Path\n"
         "from rlhf_cluster.rewards import sentiment\n"
         "def flaky(prompts, responses):\n"
         "    r = sentiment(prompts, responses)\n"
-        "    hit = [i for i, p in enumerate(prompts) if 'How is the river?' in p]\n"
-        "    if len(responses) > 32 and hit:  # training batches only: the one step an epoch that has this prompt\n"
-        "        r[hit[0]] = float('nan')\n"
+        "    if len(responses) > 1:  # a training step (the check before start-up sends one row)\n"
+        f"        calls = Path({str(tmp_path / 'calls')!r})\n"
+        "        calls.write_text(str(n := int(calls.read_text() or 0) + 1) if calls.exists() else str(n := 1))\n"
+        "        if n == 2:\n"
+        "            r[5] = float('nan')\n"
         "    return r\n")
     out = tmp_path / "run"
     run_method(config("grpo.yaml", tiny_model_dir, out, "reward.function=flaky:flaky", f"reward.code_dir={tmp_path}",
-                      "schedule.num_steps=8", "schedule.save_every=0", "schedule.eval_prompts=8"))
-    lines = [m for m in metrics(out) if m["step"] > 0]
-    skipped = [m["step"] for m in lines if m.get("step/skipped")]
-    assert len(lines) == 8 and len(skipped) == 1, skipped
-    assert all("reward/mean" in m and "actor/loss" in m for m in lines if m["step"] not in skipped)
-    assert not any(k.startswith(("reward/", "actor/")) for k in lines[skipped[0] - 1])
-    log = capsys.readouterr().out
-    assert (f"warning: step {skipped[0]}: skipped, since reward.function='flaky:flaky' returned nan for 1 of 64 "
-            "responses (the first: response ") in log
+                      "schedule.num_steps=3", "schedule.save_every=0", "schedule.eval_prompts=0",
+                      "schedule.prompts_per_step=4", "rollout.max_new_tokens=8", "algorithm.mini_batch_size=16"))
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == [1, 2, 3] and [m.get("step/skipped") for m in lines] == [None, 1, None]
+    assert "reward/mean" in lines[0] and "actor/loss" in lines[2]
+    assert not any(k.startswith(("reward/", "actor/")) for k in lines[1])
+    assert ("warning: step 2: skipped, since reward.function='flaky:flaky' returned nan for 1 of 16 responses (the "
+            "first: response 5, to the prompt ") in capsys.readouterr().out
+
+
+def test_a_full_disk_while_saving_is_one_line_and_the_previous_checkpoint_is_kept(tiny_model_dir, tmp_path, monkeypatch):
+    """The disk fills up during the second checkpoint (every write there fails with ENOSPC, and 1 MiB is free): the
+    run stops naming the checkpoint and the free space, the partial save is gone, the first checkpoint still verifies."""
+    import errno
+    import shutil as sh
+    from collections import namedtuple
+
+    from rlhf_cluster.drivers.common import CheckpointError, verify_checkpoint
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if "step_000002" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(sh, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
+    out = tmp_path / "run"
+    cfg = config("grpo.yaml", tiny_model_dir, out, "schedule.num_steps=2", "schedule.save_every=1",
+                 "schedule.prompts_per_step=4", "schedule.eval_prompts=0", "rollout.max_new_tokens=8",
+                 "algorithm.mini_batch_size=16")
+    with pytest.raises(CheckpointError) as e:
+        run_method(cfg)
+    ckpts = out / "checkpoints"
+    assert str(e.value) == (f"checkpoint {ckpts / 'step_000002'} could not be written: the disk is full (1 MiB free); "
+                            f"the partial save was removed and {ckpts / 'step_000001'} is kept")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000001"]
+    assert verify_checkpoint(ckpts / "step_000001") is None
