@@ -103,25 +103,72 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_curve(metrics: list[dict], keys: Sequence[str], out_png: Path, title: str) -> Path:
+def plot_panels(metrics: list[dict], panels: Sequence[tuple[str, Sequence[str]]], out_png: Path, title: str) -> Path:
+    """:func:`panel_figure` written to ``out_png``."""
+    import matplotlib.pyplot as plt
+
+    fig = panel_figure(metrics, panels, title)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def panel_figure(metrics: list[dict], panels: Sequence[tuple[str, Sequence[str]]], title: str):
+    """One figure, one panel per ``(panel title, keys)`` that has data, side by side.
+
+    A training series (logged every step) is a line, with a shaded ±std band when ``metrics`` also has its
+    ``.../std`` next to a ``.../mean``; a held-out series (``eval/...``, measured now and then) is drawn as
+    points only, so two evaluations never read as a trend.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for k in keys:
-        pts = [(m["step"], m[k]) for m in metrics if k in m]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=k)
-    ax.set_xlabel("step")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    def series(k):
+        return [(m["step"], m[k]) for m in metrics if isinstance(m.get(k), (int, float))]
+
+    shown = [(name, keys) for name, keys in panels if any(series(k) for k in keys)]
+    if not shown:
+        shown = [(title, [])]
+    cols = 2 if len(shown) == 4 else len(shown)
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows + 0.4), squeeze=False)
+    for ax, (name, keys) in zip(axes.flat, shown):
+        for k in keys:
+            pts = series(k)
+            if not pts:
+                continue
+            x, y = zip(*pts)
+            if k.startswith("eval/"):
+                ax.plot(x, y, linestyle="none", marker="o", ms=6, label=f"{k} (held-out)")
+                continue
+            (line,) = ax.plot(x, y, lw=1.5, label=k)
+            std = {s: v for s, v in series(k.removesuffix("/mean") + "/std")} if k.endswith("/mean") else {}
+            if std:
+                xs = [s for s in x if s in std]
+                ys = [v for s, v in pts if s in std]
+                ax.fill_between(xs, [v - std[s] for s, v in zip(xs, ys)], [v + std[s] for s, v in zip(xs, ys)],
+                                color=line.get_color(), alpha=0.2, lw=0, label=f"± {k.removesuffix('/mean')}/std")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return fig
+
+
+RL_PANELS = (("reward", ("reward/mean", "eval/reward_mean", "gold/mean")),
+             ("KL to the reference, per token", ("kl/ref_per_token",)),
+             ("policy entropy", ("actor/entropy",)),
+             ("response length (tokens)", ("response/length_mean", "eval/response_length")))
+
+
+def offline_panels(headline: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """One panel per reported metric (loss, accuracy, margin, ...): the training series and the held-out points."""
+    return [(k, (f"train/{k}", f"eval/{k}")) for k in ("loss", *[h for h in headline if h != "loss"])]
 
 
 # --------------------------------------------------------------------------- checkpoints

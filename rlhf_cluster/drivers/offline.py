@@ -35,7 +35,16 @@ from rlhf_cluster.data import (
     load_rows,
     preference_to_feedback,
 )
-from rlhf_cluster.drivers.common import BadSteps, EpochSampler, MetricsSink, RunLock, plot_curve, read_metrics, skip_reason
+from rlhf_cluster.drivers.common import (
+    BadSteps,
+    EpochSampler,
+    MetricsSink,
+    RunLock,
+    offline_panels,
+    plot_panels,
+    read_metrics,
+    skip_reason,
+)
 from rlhf_cluster.experience import Experience, FeedbackBatch, PairBatch, build_experience
 from rlhf_cluster.logs import Progress
 from rlhf_cluster.models import load_tokenizer
@@ -257,8 +266,8 @@ class OfflineRun:
             sink.close()
         model_dir = out / self.stage.output
         self.trainer.call(_TrainerShell.save_pretrained, str(model_dir), what="save").get()
-        keys = ["train/loss", "eval/loss"]
-        png = plot_curve(read_metrics(sink.path), keys, out / "loss_curve.png", f"{self.stage.objective} loss")
+        png = plot_panels(read_metrics(sink.path), offline_panels(self.stage.headline), out / "loss_curve.png",
+                          f"{self.stage.objective}: {out}")
         summary.update(metrics=str(sink.path), curve=str(png), model=str(model_dir))
         return summary
 

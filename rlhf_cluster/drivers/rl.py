@@ -24,6 +24,7 @@ from rlhf_cluster.cluster.weight_sync import sync_weights
 from rlhf_cluster.config import ConfigError, RunConfig, preflight, resolve_function
 from rlhf_cluster.data import DataReport, build_prompt_examples, load_rows
 from rlhf_cluster.drivers.common import (
+    RL_PANELS,
     BadSteps,
     CheckpointError,
     EpochSampler,
@@ -36,7 +37,7 @@ from rlhf_cluster.drivers.common import (
     commit_checkpoint,
     latest_checkpoint,
     load_driver_state,
-    plot_curve,
+    plot_panels,
     prune_checkpoints,
     read_metrics,
     resumable_checkpoint,
@@ -314,7 +315,7 @@ class RLRun:
         final_policy = self.out / "policy"
         self.roles.policy.call(PolicyActor.save_pretrained, str(final_policy), what="save").get()
         metrics = read_metrics(sink.path)
-        png = plot_curve(metrics, ["reward/mean", "eval/reward_mean"], self.out / "reward_curve.png", f"{cfg.method} reward")
+        png = plot_panels(metrics, RL_PANELS, self.out / "reward_curve.png", f"{cfg.method}: {self.out}")
         summary.update(metrics=str(sink.path), reward_curve=str(png), policy=str(final_policy), steps=self.step)
         return summary
 
