@@ -266,7 +266,7 @@ def _cluster_overrides(args) -> list[str]:
 
 def _train(args) -> int:
     from rlhf_cluster.config import load_config
-    from rlhf_cluster.pipeline import is_pipeline, load_pipeline, run_pipeline
+    from rlhf_cluster.pipeline import is_pipeline, load_data_report, load_pipeline, run_pipeline
 
     _terminate_gracefully(args)
     if is_pipeline(args.config):
@@ -279,7 +279,8 @@ def _train(args) -> int:
                 st.config.cluster.address = args.address
             if args.connect_timeout is not None:
                 st.config.cluster.connect_timeout_s = args.connect_timeout
-        results = run_pipeline(stages, run_method, overwrite=args.overwrite)
+        results = run_pipeline(stages, run_method, overwrite=args.overwrite, data_report=load_data_report(args.config))
+        results.pop("data_report", None)  # said as it ran
         for name, summary in results.items():
             print(f"\n--- {name}")
             print_summary(summary)

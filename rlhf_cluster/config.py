@@ -456,12 +456,25 @@ class ClusterConfig(_Strict):
     call_timeout_s: float | None = Field(
         3600.0, gt=0, description="Stop the run, naming the role, rank and phase, when one actor call (a generation, a "
         "reward, an update, a checkpoint save) takes longer than this; null waits forever. Ray backend only.")
+    phase_timeouts_s: dict[Literal["init", "generate", "score", "update", "sync", "checkpoint"], float] = Field(
+        default_factory=dict, description="A limit per phase, in place of call_timeout_s for its calls, e.g. "
+        "{generate: 600, checkpoint: 7200}: init (loading the models), generate, score (reward, reference and old "
+        "log-probs, values), update, sync (the weight sync), checkpoint (saving and loading). The error names the "
+        "setting that applied.")
     memory_check: bool = Field(True, description="GPU clusters: before any actor starts, estimate each GPU's memory "
                                "(`rlhf-cluster plan`) and refuse a config that cannot fit.")
     gpu_memory_gib: float | None = Field(None, gt=0, description="Memory of each GPU for that check (default: read from "
                                          "the cluster's GPUs).")
     colocate_policy_reference: bool = Field(False, description="Reference replicas share the policy ranks' GPUs.")
     colocate_critic_reward: bool = Field(False, description="Reward replicas share the critic ranks' GPUs.")
+
+    @field_validator("phase_timeouts_s")
+    @classmethod
+    def _phase_timeouts(cls, v):
+        bad = {k: t for k, t in v.items() if not t > 0}
+        if bad:
+            raise ValueError(f"phase_timeouts_s must be positive seconds, got {bad}")
+        return v
 
     @field_validator("threads_per_actor")
     @classmethod
@@ -906,6 +919,7 @@ def preflight(cfg: RunConfig, produced: frozenset[str] = frozenset()) -> None:
         path = getattr(cfg.data, field)
         if path is not None and not Path(path).exists():
             raise ConfigError(f"data.{field}={path!r} does not exist")
+    _check_output_dir_room(cfg, produced)
     if cfg.method in ("ppo", "online_dpo"):
         _check_reward_source(cfg.reward)
         if cfg.monitors.gold_function:
@@ -913,6 +927,63 @@ def preflight(cfg: RunConfig, produced: frozenset[str] = frozenset()) -> None:
                 resolve_function(cfg.monitors.gold_function, cfg.reward.code_dir)
             except ConfigError as e:
                 raise ConfigError(f"monitors.gold_function: {e}") from None
+
+
+def count_params(model_dir: str | Path) -> int | None:
+    """Parameters of a model directory, read from its safetensors headers (no weights loaded); None without them."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    n = 0
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                shape = st.get_slice(key).get_shape()
+                size = 1
+                for d in shape:
+                    size *= d
+                n += size
+    return n
+
+
+def checkpoint_bytes(cfg: RunConfig, produced: frozenset[str] = frozenset()) -> int | None:
+    """A lower bound on what one save of this run writes: per trained role its weights plus Adam's two fp32
+    moments (and fp32 master weights below fp32), plus the policy as a model directory; offline stages write
+    the trained model alone. ``auto`` dtypes count as bf16. None when a model's size cannot be read yet."""
+    online = cfg.method in ("ppo", "online_dpo")
+    roles = [cfg.policy] + ([cfg.critic] if online and cfg.needs_critic else [])
+    total = 0
+    for i, t in enumerate(roles):
+        path = t.model_name_or_path or cfg.policy.model_name_or_path  # a critic without one starts from the policy
+        if path in produced or not Path(path).is_dir():
+            return None
+        n = count_params(path)
+        if n is None:
+            return None
+        d = {"fp32": 4, "bf16": 2, "fp16": 2, "auto": 2}[t.dtype]
+        total += n * d if not online else n * (d + 8 + (4 if d < 4 else 0)) + (n * d if i == 0 else 0)
+    return total
+
+
+def _check_output_dir_room(cfg: RunConfig, produced: frozenset[str]) -> None:
+    """output_dir (or the folder it will be made in) writable, with room for one save of this run."""
+    import shutil
+
+    out = Path(os.path.abspath(cfg.output_dir))
+    base = out
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        where = "" if base == out else f" (it would be made in {base})"
+        raise ConfigError(f"output_dir={cfg.output_dir!r} is not writable{where}: choose a folder you can write to")
+    need = checkpoint_bytes(cfg, produced)
+    free = shutil.disk_usage(base).free
+    if need is not None and need > free:
+        what = "a checkpoint" if cfg.method in ("ppo", "online_dpo") else "the trained model"
+        raise ConfigError(f"output_dir={cfg.output_dir!r}: {what} of this run needs about {need / 2**30:.2f} GiB and "
+                          f"{base} has {free / 2**30:.2f} GiB free: free some space or choose another output_dir")
 
 
 def _check_reward_source(r: RewardConfig) -> None:

@@ -17,6 +17,11 @@
 ``${NAME.policy}`` / ``${NAME.reward_model}`` name what an earlier stage writes. Stage NAME
 runs in ``output_dir/NAME``. Every stage's config is validated before the first one starts;
 command-line overrides address a stage by its name (``ppo.schedule.num_steps=5``).
+
+``data_report: {strict: true}`` (optional) runs ``rlhf-cluster data report`` on every offline
+stage's training file (SFT, reward-model, DPO-family data; with its eval file for overlap) before
+any stage starts, writing ``output_dir/data_report/NAME/``; with ``strict`` a flagged file stops
+the pipeline there, before any actor has started.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import yaml
 from rlhf_cluster.config import ConfigError, RunConfig, load_config
 
 _REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\.(policy|reward_model)\}")
-_KNOWN = {"output_dir", "stages"}
+_KNOWN = {"output_dir", "stages", "data_report"}
+_REPORT_KEYS = {"strict"}
 _STAGE_KEYS = {"name", "config", "overrides"}
 
 
@@ -111,7 +117,57 @@ def _resolve(value: str, outputs: dict[str, dict[str, str]], stage: str, produce
     return _REF.sub(sub, value)
 
 
-def run_pipeline(stages: list[Stage], run_stage, log=print, overwrite: bool = False) -> dict:
+@dataclass(frozen=True)
+class DataReportStage:
+    """``data_report:`` of a pipeline: where the reports go and whether a flag stops the pipeline."""
+
+    out_dir: Path
+    strict: bool = True
+
+
+def load_data_report(path: str | Path) -> DataReportStage | None:
+    """The pipeline's ``data_report`` entry, checked (``None`` when it has none)."""
+    tree = yaml.safe_load(Path(path).read_text()) or {}
+    spec = tree.get("data_report")
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        spec = {}
+    if not isinstance(spec, dict) or set(spec) - _REPORT_KEYS or not isinstance(spec.get("strict", True), bool):
+        raise ConfigError(f"pipeline {path}: data_report must be true or a mapping {{strict: true|false}}, got {spec!r}")
+    root = Path(os.path.abspath(tree.get("output_dir") or "runs/pipeline"))
+    return DataReportStage(root / "data_report", spec.get("strict", True))
+
+
+def report_stage_data(stages: list[Stage], spec: DataReportStage, log=print) -> dict:
+    """The data report on every offline stage's training file; with ``spec.strict``, a flagged file is a
+    :class:`ConfigError` naming the stage, the flags and the report (nothing has started yet)."""
+    from rlhf_cluster.models import load_tokenizer
+    from rlhf_cluster.quality.data_report import format_summary, report_for_stage, write_report
+
+    first = stages[0].config.policy.model_name_or_path
+    results, flagged = {}, []
+    for st in stages:
+        cfg = st.config
+        if cfg.method not in ("sft", "rm", "dpo"):
+            continue  # prompt-only data (online methods): nothing pairwise to check
+        path = cfg.policy.model_name_or_path
+        name = first if path in st.produced_inputs else path
+        report = report_for_stage(cfg.data, load_tokenizer(name), name)
+        paths = write_report(report, spec.out_dir / st.name)
+        log(f"--- data report, stage {st.name}:\n{format_summary(report)}\nreport: {paths[0]}")
+        results[st.name] = {"report": str(paths[0]), "flags": [f["name"] for f in report["flags"]]}
+        if report["flags"]:
+            flagged.append(f"stage {st.name!r} ({cfg.data.train_path}): {', '.join(results[st.name]['flags'])} "
+                           f"(see {paths[0]})")
+    if flagged and spec.strict:
+        raise ConfigError("the data report flagged " + "; ".join(flagged) + ". Fix the data, or set "
+                          "data_report: {strict: false} in the pipeline to train on it anyway")
+    return results
+
+
+def run_pipeline(stages: list[Stage], run_stage, log=print, overwrite: bool = False,
+                 data_report: DataReportStage | None = None) -> dict:
     """Check every stage's files up front (skipping what earlier stages will write), then run in order.
 
     A stage whose output_dir holds a previous run is refused up front, unless ``overwrite``: then every stage's
@@ -126,10 +182,13 @@ def run_pipeline(stages: list[Stage], run_stage, log=print, overwrite: bool = Fa
     for st in stages:
         preflight(st.config, frozenset(st.produced_inputs))
     check_stage_data(stages, log)
+    results = {}
+    if data_report is not None:
+        log("\n=== data report (before any stage starts)")
+        results["data_report"] = report_stage_data(stages, data_report, log)
     if overwrite:
         for st in stages:
             clear_output_dir(st.config.output_dir, log)
-    results = {}
     for i, st in enumerate(stages, 1):
         log(f"\n=== stage {i}/{len(stages)}: {st.name} ({st.config.method}) -> {st.config.output_dir}")
         results[st.name] = run_stage(st.config)

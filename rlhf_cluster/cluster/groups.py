@@ -77,8 +77,8 @@ class Pending:
         self.group, self.handles, self.ranks, self.what = group, handles, ranks, what
 
     def get(self, timeout: float | None = None) -> list:
-        """The results, rank order; ``timeout`` defaults to the group's ``call_timeout_s``."""
-        return self.group._resolve(self, timeout if timeout is not None else self.group.call_timeout_s)
+        """The results, rank order; ``timeout`` defaults to the group's limit for this call's phase."""
+        return self.group._resolve(self, timeout if timeout is not None else self.group.timeout_for(self.what))
 
     def cat(self, timeout: float | None = None):
         import torch
@@ -90,12 +90,33 @@ class Pending:
         return self.group._handoff(self, i)
 
 
+# The phases of cluster.phase_timeouts_s, by the names the drivers give their calls.
+PHASES = {
+    "init": ("init", "weight-transfer setup", "scheduling"),
+    "generate": ("generate",),
+    "score": ("reward", "eval reward", "reference log-probs", "log-probs", "old log-probs", "values", "evaluate"),
+    "update": ("policy update", "critic update", "update"),
+    "sync": ("weight sync", "weight export", "weight load"),
+    "checkpoint": ("checkpoint save", "checkpoint load", "save"),
+}
+_PHASE_OF = {what: phase for phase, names in PHASES.items() for what in names}
+
+
 class RoleGroup:
     """What both backends share: the role's spec and the call patterns."""
 
     spec: RoleSpec
     actors: list
     call_timeout_s: float | None = None  # how long a call may take before the run stops naming it (None: forever)
+    phase_timeouts_s: dict[str, float] = {}  # per phase (PHASES), overriding call_timeout_s
+
+    def timeout_for(self, what: str) -> float | None:
+        return self.phase_timeouts_s.get(_PHASE_OF.get(what), self.call_timeout_s)
+
+    def timeout_setting(self, what: str) -> str:
+        """The setting that gives a call named ``what`` its time limit."""
+        phase = _PHASE_OF.get(what)
+        return f"cluster.phase_timeouts_s.{phase}" if phase in self.phase_timeouts_s else "cluster.call_timeout_s"
 
     @property
     def role(self) -> str:
@@ -307,8 +328,8 @@ class ActorGroup(RoleGroup):
             ready, _ = ray.wait(pending.handles, num_returns=len(pending.handles), timeout=0)
             late = [rank for rank, h in zip(pending.ranks, pending.handles) if h not in ready]
             who = f"{self.role} rank{'s' if len(late) > 1 else ''} {', '.join(map(str, late))}"
-            raise ActorFailure(f"{who} did not finish {pending.what} within {timeout:g} s "
-                               "(a hung call, or a slow one: raise cluster.call_timeout_s)", "timeout", who) from None
+            raise ActorFailure(f"{who} did not finish {pending.what} within {timeout:g} s (a hung call, or a slow "
+                               f"one: raise {self.timeout_setting(pending.what)})", "timeout", who) from None
         except (RayActorError, RayTaskError) as e:
             failure = self._failure(pending)
             if failure is not None:

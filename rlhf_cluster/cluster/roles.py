@@ -115,6 +115,7 @@ def start_roles(cfg) -> Roles:
         roles.weight_sync = resolve_backend(cfg.rollout.weight_sync, use_gpu, local)
     for g in roles.all():
         g.call_timeout_s = cfg.cluster.call_timeout_s
+        g.phase_timeouts_s = dict(cfg.cluster.phase_timeouts_s)
     return roles
 
 

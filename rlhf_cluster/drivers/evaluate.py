@@ -335,6 +335,7 @@ def eval_roles(cfg: RunConfig, policy: str, reference: str, with_reward: bool, l
                 roles.groups[name] = ActorGroup(spec, shell, use_gpu=roles.use_gpu, cpus_per_actor=c.cpus_per_actor)
         for g in roles.all():
             g.call_timeout_s = cfg.cluster.call_timeout_s
+            g.phase_timeouts_s = dict(cfg.cluster.phase_timeouts_s)
         pending = []
         for model, path in (("policy", policy), ("reference", reference)):
             engines = roles.groups[f"{model}_engine"]

@@ -805,6 +805,19 @@ def run_report(path: str | Path, *, eval_path=None, deploy_path=None, config_pat
         data = cfg.data
         measure = TokenMeasure(load_tokenizer(cfg.policy.model_name_or_path), data.apply_chat_template,
                                cfg.policy.model_name_or_path)
+    return _report(path, data, measure, eval_path=eval_path, deploy_path=deploy_path, harmful_path=harmful_path,
+                   refusal_path=refusal_path, thresholds=thresholds)
+
+
+def report_for_stage(data, tokenizer, tokenizer_name: str) -> dict:
+    """The report on a run's training file as its config reads it (``data``: its DataConfig), lengths in the tokens
+    of ``tokenizer``, with its held-out file (``data.eval_path``) checked for overlap."""
+    return _report(data.train_path, data, TokenMeasure(tokenizer, data.apply_chat_template, tokenizer_name),
+                   eval_path=data.eval_path)
+
+
+def _report(path, data, measure, *, eval_path=None, deploy_path=None, harmful_path=None, refusal_path=None,
+            thresholds: Thresholds = Thresholds()) -> dict:
     columns = Columns(**{f: getattr(data, f"{f}_key") for f in Columns.__dataclass_fields__})
     return build_report(
         load_rows(path), columns=columns, measure=measure,

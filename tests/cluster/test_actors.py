@@ -113,18 +113,20 @@ def test_two_data_parallel_critic_ranks_match_one_under_zero3(local_ray, tiny_mo
 
 
 def test_a_hung_call_stops_naming_the_role_rank_phase_and_setting(local_ray, tmp_path):
-    """A reward function that never returns: the driver's get gives up after call_timeout_s instead of waiting forever."""
+    """A reward function that never returns: the driver's get gives up after the scoring phase's limit
+    (cluster.phase_timeouts_s.score, over the hour of call_timeout_s) instead of waiting forever."""
     from rlhf_cluster.cluster.actors import RewardActor
     from rlhf_cluster.cluster.specs import RewardSpec
     from rlhf_cluster.workers.reward_sources import RewardInputs
 
     (tmp_path / "hang.py").write_text("import time\ndef forever(prompts, responses):\n    time.sleep(3600)\n")
     reward = _group("reward", RewardActor, 2)
-    reward.call_timeout_s = 3.0
+    reward.call_timeout_s, reward.phase_timeouts_s = 3600.0, {"score": 3.0}
     try:
         reward.call(RewardActor.init, RewardSpec("function", function="hang:forever", code_dir=str(tmp_path))).get()
         inputs = RewardInputs(prompts=["a", "b"], responses=["x", "y"], extras=[{}, {}])
-        with pytest.raises(ActorFailure, match=r"reward ranks 0, 1 did not finish eval reward within 3 s .*cluster.call_timeout_s"):
+        late = r"reward ranks 0, 1 did not finish eval reward within 3 s .*raise cluster.phase_timeouts_s.score\)"
+        with pytest.raises(ActorFailure, match=late):
             reward.shard(RewardActor.score, inputs, what="eval reward").cat()
     finally:
         reward.shutdown()

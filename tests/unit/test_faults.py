@@ -180,3 +180,42 @@ def test_auto_resume_continues_a_checkpoint_else_starts_afresh(tmp_path, tiny_mo
                     f"--auto-resume: method=sft restarts from its inputs; starting afresh in {crashed}"]
     p = cli("train", "configs/grpo.yaml", "--auto-resume", "--resume")
     assert p.returncode == 2 and "not allowed with argument" in p.stderr, p.stderr
+
+
+def test_an_output_dir_without_room_or_not_writable_is_refused_before_anything_starts(tmp_path, tiny_model_dir,
+                                                                                      monkeypatch):
+    import shutil as sh
+    from collections import namedtuple
+
+    from rlhf_cluster.config import checkpoint_bytes, count_params, load_config, preflight
+    from rlhf_cluster.models import load_causal_lm
+
+    n = count_params(tiny_model_dir)
+    assert n == sum(p.numel() for p in load_causal_lm(str(tiny_model_dir), torch.float32).parameters())
+    (tmp_path / "a_file").write_text("")
+    cfg = load_config(REPO / "configs" / "ppo_demo.yaml", [f"policy.model_name_or_path={tiny_model_dir}",
+                                                          f"output_dir={tmp_path / 'a_file' / 'run'}"])
+    with pytest.raises(ConfigError, match=r"output_dir='.*a_file/run' is not writable \(it would be made in .*a_file\)"):
+        preflight(cfg)
+    cfg.output_dir = str(tmp_path / "run")
+    # PPO trains the policy and a critic of the same size: weights + Adam moments each (fp32 on CPU counted as
+    # bf16 for `auto`: 2 + 8 + 4 bytes a parameter), plus the policy as a model directory (2 bytes).
+    assert checkpoint_bytes(cfg) == n * 14 * 2 + n * 2
+    monkeypatch.setattr(sh, "disk_usage", lambda path: namedtuple("u", "total used free")(2**30, 2**30, 1000))
+    with pytest.raises(ConfigError, match=r"a checkpoint of this run needs about 0.\d\d GiB and .* has 0.00 GiB free"):
+        preflight(cfg)
+
+
+def test_phase_timeouts_take_the_phases_the_drivers_name(tiny_model_dir):
+    from rlhf_cluster.cluster.groups import RoleGroup
+    from rlhf_cluster.config import load_config
+
+    base = [f"policy.model_name_or_path={tiny_model_dir}"]
+    cfg = load_config(REPO / "configs" / "grpo.yaml", [*base, "cluster.phase_timeouts_s={generate: 600, checkpoint: 7200}"])
+    g = RoleGroup()
+    g.call_timeout_s, g.phase_timeouts_s = cfg.cluster.call_timeout_s, cfg.cluster.phase_timeouts_s
+    assert (g.timeout_for("generate"), g.timeout_for("checkpoint save"), g.timeout_for("policy update")) == (600, 7200, 3600)
+    assert g.timeout_setting("checkpoint save") == "cluster.phase_timeouts_s.checkpoint"
+    assert g.timeout_setting("policy update") == "cluster.call_timeout_s"
+    with pytest.raises(ConfigError, match=r"phase_timeouts_s"):
+        load_config(REPO / "configs" / "grpo.yaml", [*base, "cluster.phase_timeouts_s={generation: 600}"])

@@ -75,3 +75,44 @@ def test_one_example_and_no_eval_file_is_a_named_error(tmp_path, tiny_model_dir)
                                            "data.eval_path=null"])
     with pytest.raises(ConfigError, match=r"one.jsonl has 1 example\(s\).*add rows or set data.eval_path"):
         load_stage_data(cfg, stage_for(cfg), load_tokenizer(str(tiny_model_dir)), log=lambda _: None)
+
+
+def test_a_strict_data_report_stops_the_pipeline_before_the_first_stage_through_the_cli(tmp_path, tiny_model_dir):
+    """`data_report: {strict: true}`: the report on each offline stage's file runs first; a flagged file (here
+    preference pairs whose chosen answer is always the longer one, with the eval file a copy of the training file)
+    is one line naming the stage, the flags and the report, exit 2, and no stage has started."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"question {i} about topic {i % 7}",
+                                         "chosen": f"a long and careful answer number {i} with detail",
+                                         "rejected": f"short {i}"}) + "\n" for i in range(40)))
+    out = tmp_path / "out"
+    tree = {"output_dir": str(out), "data_report": {"strict": True}, "stages": [
+        {"name": "dpo", "config": os.path.abspath("configs/dpo.yaml"),
+         "overrides": {"policy.model_name_or_path": str(tiny_model_dir), "data.train_path": str(prefs),
+                       "data.eval_path": str(prefs)}}]}
+    cli = Path(sys.executable).parent / "rlhf-cluster"
+    p = subprocess.run([str(cli), "train", str(_write(tmp_path, tree))], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    report = out / "data_report" / "dpo" / "report.md"
+    assert p.stderr.startswith(f"error: the data report flagged stage 'dpo' ({prefs}): ") and len(p.stderr.splitlines()) == 1
+    assert "length_bias" in p.stderr and "contamination" in p.stderr and f"(see {report})" in p.stderr, p.stderr
+    assert "set data_report: {strict: false} in the pipeline to train on it anyway" in p.stderr
+    assert report.is_file() and "=== data report" in p.stdout
+    assert not (out / "dpo").exists()  # the stage never started
+
+
+def test_data_report_settings_are_checked(tmp_path):
+    from rlhf_cluster.pipeline import load_data_report
+
+    base = {"output_dir": str(tmp_path), "stages": [{"name": "a", "config": "configs/sft.yaml"}]}
+    assert load_data_report(_write(tmp_path, base)) is None
+    spec = load_data_report(_write(tmp_path, {**base, "data_report": True}))
+    assert spec.strict and spec.out_dir == tmp_path / "data_report"
+    assert not load_data_report(_write(tmp_path, {**base, "data_report": {"strict": False}})).strict
+    with pytest.raises(ConfigError, match=r"data_report must be true or a mapping \{strict: true\|false\}"):
+        load_data_report(_write(tmp_path, {**base, "data_report": {"stict": True}}))
