@@ -68,6 +68,7 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
             raise RuntimeError(f"process group already has {dist.get_world_size()} ranks, asked for {world_size}")
         return
     _forget_deepspeed_groups()
+    _skip_shm_comm_build()
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
         MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
@@ -79,6 +80,16 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size)
+
+
+def _skip_shm_comm_build() -> None:
+    """DeepSpeed's comm layer JIT-compiles its CPU shared-memory all-reduce (a C++ build, ~40 s of both cores on
+    the 2-core machine, redone for every new install path) the first time a process joins a group. Only
+    DeepSpeed-inference's tensor-parallel all-reduce uses it; training collectives go through torch.distributed.
+    Marked incompatible, it is never built."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _forget_deepspeed_groups() -> None:

@@ -332,7 +332,9 @@ def test_a_full_disk_while_saving_is_one_line_and_the_previous_checkpoint_is_kep
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(torch, "save", save)
-    monkeypatch.setattr(sh, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
+    # The checkpoints' disk is the full one (the check before start-up, of output_dir's parent, still passes).
+    monkeypatch.setattr(sh, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20) if "checkpoints" in str(path)
+                        else usage(2**40, 0, 2**40))
     out = tmp_path / "run"
     cfg = config("grpo.yaml", tiny_model_dir, out, "schedule.num_steps=2", "schedule.save_every=1",
                  "schedule.prompts_per_step=4", "schedule.eval_prompts=0", "rollout.max_new_tokens=8",
