@@ -347,10 +347,10 @@ def auto_resume(cfg, log=print) -> tuple[bool, bool]:
     """``--auto-resume``: ``(resume, overwrite)`` for what ``cfg.output_dir`` holds — resume from a checkpoint that
     verifies (online methods), else start afresh over whatever an earlier attempt left (offline stages always
     restart from their inputs)."""
-    from rlhf_cluster.drivers.common import latest_checkpoint, previous_outputs
+    from rlhf_cluster.drivers.common import committed_checkpoints, previous_outputs
 
     online = cfg.method in ("ppo", "online_dpo")
-    if online and latest_checkpoint(cfg.output_dir) is not None:  # the resume verifies it (falling back as usual)
+    if online and committed_checkpoints(cfg.output_dir):  # the resume verifies them (falling back as usual)
         log(f"--auto-resume: resuming from the checkpoint in {cfg.output_dir}")
         return True, False
     if previous_outputs(cfg.output_dir):

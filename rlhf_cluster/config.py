@@ -952,7 +952,7 @@ def checkpoint_bytes(cfg: RunConfig, produced: frozenset[str] = frozenset()) -> 
     """A lower bound on what one save of this run writes: per trained role its weights plus Adam's two fp32
     moments (and fp32 master weights below fp32), plus the policy as a model directory; offline stages write
     the trained model alone. ``auto`` dtypes count as bf16. None when a model's size cannot be read yet."""
-    online = cfg.method in ("ppo", "online_dpo")
+    online = cfg.method in ("ppo", "online_dpo") and bool(cfg.schedule.save_every or cfg.schedule.save_final)
     roles = [cfg.policy] + ([cfg.critic] if online and cfg.needs_critic else [])
     total = 0
     for i, t in enumerate(roles):
@@ -978,6 +978,8 @@ def _check_output_dir_room(cfg: RunConfig, produced: frozenset[str]) -> None:
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
         where = "" if base == out else f" (it would be made in {base})"
         raise ConfigError(f"output_dir={cfg.output_dir!r} is not writable{where}: choose a folder you can write to")
+    if (out / "checkpoints").exists():
+        return  # a run continued or replaced: its own checkpoints are what a save would reuse or free
     need = checkpoint_bytes(cfg, produced)
     free = shutil.disk_usage(base).free
     if need is not None and need > free:

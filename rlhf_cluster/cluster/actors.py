@@ -146,6 +146,10 @@ class PolicyActor(_TrainerShell):
         from rlhf_cluster.workers.weight_transfer import TrainerWeightSource, trainer_init_info
 
         vllm_plugin.register()
+        if backend != "gloo" and self.rank == 0:
+            from rlhf_cluster.workers.rendezvous import release
+
+            release(master_port)  # vLLM's NCCL group binds its own store on this port
         with self._span("weight_transfer_init"):
             self.client = EngineClient(engines, workers_per_engine)
             info = trainer_init_info(backend, rank=self.rank, master_address=master_address, master_port=master_port,

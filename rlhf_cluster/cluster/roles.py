@@ -166,7 +166,7 @@ def init_roles(roles: Roles, cfg) -> None:
         elif name == "reference":
             pending.append(g.call(ReferenceActor.init, scorer_spec(cfg.reference), what="init"))
         elif name == "reward":
-            pending.append(g.call(RewardActor.init, reward_spec(cfg.reward), what="init"))
+            pending.append(g.call(RewardActor.init, reward_spec(cfg.reward, allow_nonfinite=True), what="init"))
         elif name == "rollout":
             transfer = None if roles.weight_sync == "object_store" else roles.weight_sync
             pending.append(g.each(RolloutActor.init, [(engine_spec(cfg, i, transfer),) for i in range(len(g))], what="init"))

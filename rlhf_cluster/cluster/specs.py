@@ -55,6 +55,7 @@ class RewardSpec:
     max_retries: int = 3
     batch_size: int = 64  # rows per HTTP request
     api_key_env: str | None = None
+    allow_nonfinite: bool = False  # training: NaN/inf pass to the driver, which skips that step
 
     @property
     def needs_text(self) -> bool:
@@ -98,12 +99,12 @@ def scorer_spec(s) -> ScorerSpec:
     return ScorerSpec(model_path=s.model_name_or_path, micro_batch_size=s.micro_batch_size, dtype=s.dtype)
 
 
-def reward_spec(r) -> RewardSpec:
+def reward_spec(r, allow_nonfinite: bool = False) -> RewardSpec:
     if r.kind == "function":
-        return RewardSpec("function", function=r.function, code_dir=r.code_dir)
+        return RewardSpec("function", function=r.function, code_dir=r.code_dir, allow_nonfinite=allow_nonfinite)
     if r.kind == "http":
         return RewardSpec("http", url=r.url, timeout_s=r.timeout_s, max_retries=r.max_retries,
-                          batch_size=r.request_batch_size, api_key_env=r.api_key_env)
+                          batch_size=r.request_batch_size, api_key_env=r.api_key_env, allow_nonfinite=allow_nonfinite)
     return RewardSpec("model", model=scorer_spec(r))
 
 

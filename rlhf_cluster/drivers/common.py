@@ -268,6 +268,13 @@ def resumable_checkpoint(output_dir: str | Path, log=print) -> Path | None:
     return None
 
 
+def committed_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoint directories whose save finished (their manifest, written last, is there), newest first; even
+    when ``latest`` was not yet updated (a driver killed between the rename and the marker)."""
+    root = checkpoint_root(output_dir)
+    return [d for d in (_step_dirs(root) if root.is_dir() else []) if (d / "manifest.json").is_file()]
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The directory named by ``checkpoints/latest``, written only after a checkpoint is complete."""
     marker = checkpoint_root(output_dir) / "latest"
@@ -457,8 +464,8 @@ class BadSteps:
             return
         self.in_a_row += 1
         self.total += 1
-        self.log(f"warning: step {step}: {reason}; nothing of it was applied ({self.in_a_row} in a row, the run stops "
-                 f"at fault_tolerance.max_bad_steps={self.limit})")
+        self.log(f"warning: step {step}: {reason} ({self.in_a_row} in a row; the run stops at "
+                 f"fault_tolerance.max_bad_steps={self.limit})")
         if self.in_a_row >= self.limit:
             raise BadStepsError(f"stopped at step {step}: {self.in_a_row} steps in a row were skipped for non-finite "
                                 f"values (fault_tolerance.max_bad_steps={self.limit}); the last: {reason}. {self.HINT}")

@@ -184,7 +184,7 @@ class RLRun:
         rollout = self.generate(self.eval_prompts, 1, seed=12345)
         scores = self.rewards(rollout, what="eval reward").cat()
         scores = scores[torch.isfinite(scores)]  # a non-finite reward is said where training meets it
-        mean = scores.mean().item() if len(scores) else 0.0
+        mean = scores.mean().item() if len(scores) else float("nan")  # metrics.jsonl leaves a NaN out
         return {"eval/reward_mean": mean, "eval/response_length": rollout.exp.action_mask.sum(-1).mean().item(),
                 "eval/sample": rollout.responses[0][:200]}
 

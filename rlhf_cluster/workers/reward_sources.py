@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import numbers
 import os
 from collections.abc import Callable
@@ -53,8 +54,9 @@ class RewardInputs:
         return RewardInputs(take(self.exp), take(self.prompts), take(self.responses), take(self.extras))
 
 
-def as_rewards(out, n: int, source: str) -> torch.Tensor:
-    """A source's answer checked and turned into (n,) float32: one real number per row, nothing else."""
+def as_rewards(out, n: int, source: str, allow_nonfinite: bool = False) -> torch.Tensor:
+    """A source's answer checked and turned into (n,) float32: one real number per row, nothing else; NaN and inf
+    only with ``allow_nonfinite`` (the training reward: the driver skips the step they occur in)."""
     if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
         raise RewardError(f"{source} must return one number per response (a list of {n} floats), "
                           f"got {type(out).__name__}")
@@ -66,7 +68,8 @@ def as_rewards(out, n: int, source: str) -> torch.Tensor:
             hint = " (use 1.0/0.0, not True/False)" if isinstance(v, bool) else ""
             raise RewardError(f"{source} returned {type(v).__name__} {v!r} for response {i}; "
                               f"each reward must be a real number{hint}")
-    # NaN and inf pass: the driver skips the step they occur in, counting it toward fault_tolerance.max_bad_steps
+        if not allow_nonfinite and not math.isfinite(v):
+            raise RewardError(f"{source} returned a non-finite reward ({v}) for response {i}")
     return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
 
@@ -114,10 +117,10 @@ class FunctionReward:
 
     needs_text = True
 
-    def __init__(self, spec: str, code_dir: str | None = None):
+    def __init__(self, spec: str, code_dir: str | None = None, allow_nonfinite: bool = False):
         from rlhf_cluster.config import resolve_function
 
-        self.spec = spec
+        self.spec, self.allow_nonfinite = spec, allow_nonfinite
         self.fn: Callable = resolve_function(spec, code_dir)
         self.fields, self.takes_all = function_fields(self.fn)
 
@@ -131,7 +134,7 @@ class FunctionReward:
                 continue  # an optional parameter no row fills keeps its default
             kwargs[name] = [row.get(name) for row in extras]
         out = self.fn(list(inputs.prompts), list(inputs.responses), **kwargs)
-        return as_rewards(out, len(inputs.responses), f"reward function {self.spec}")
+        return as_rewards(out, len(inputs.responses), f"reward function {self.spec}", self.allow_nonfinite)
 
 
 # ----------------------------------------------------------------------------- http
@@ -150,8 +153,9 @@ class HttpReward:
     needs_text = True
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, max_retries: int = 3, batch_size: int = 64,
-                 api_key_env: str | None = None, backoff_s: float = 0.5):
+                 api_key_env: str | None = None, backoff_s: float = 0.5, allow_nonfinite: bool = False):
         self.url, self.timeout_s, self.max_retries, self.batch_size = url, timeout_s, max_retries, batch_size
+        self.allow_nonfinite = allow_nonfinite
         self.backoff_s = backoff_s
         self.headers = {"Content-Type": "application/json"}
         if api_key_env:
@@ -177,15 +181,15 @@ class HttpReward:
         except (ValueError, KeyError, TypeError):
             raise RewardError(f"reward server {self.url} must answer JSON {{\"rewards\": [...]}}, got "
                               f"{raw[:120].decode(errors='replace')!r}") from None
-        return as_rewards(rewards, len(responses), f"reward server {self.url}")
+        return as_rewards(rewards, len(responses), f"reward server {self.url}", self.allow_nonfinite)
 
 
 def build_reward_source(spec) -> ModelReward | FunctionReward | HttpReward:
     """The source a :class:`~rlhf_cluster.cluster.specs.RewardSpec` describes."""
     if spec.kind == "function":
-        return FunctionReward(spec.function, spec.code_dir)
+        return FunctionReward(spec.function, spec.code_dir, spec.allow_nonfinite)
     if spec.kind == "http":
         return HttpReward(spec.url, timeout_s=spec.timeout_s, max_retries=spec.max_retries, batch_size=spec.batch_size,
-                          api_key_env=spec.api_key_env)
+                          api_key_env=spec.api_key_env, allow_nonfinite=spec.allow_nonfinite)
     m = spec.model
     return ModelReward(m.model_path, micro_batch_size=m.micro_batch_size, dtype=m.dtype)

@@ -66,6 +66,7 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     if dist.is_initialized():
         if dist.get_world_size() != world_size:
             raise RuntimeError(f"process group already has {dist.get_world_size()} ranks, asked for {world_size}")
+        rendezvous.release(master_port)  # this process's group already exists (one process, several trainers)
         return
     _forget_deepspeed_groups()
     _skip_shm_comm_build()
@@ -204,7 +205,7 @@ class _DeepSpeedTrainer:
         norm = 0.0
         t0 = time.perf_counter()
         tokens = 0
-        steps, skipped, why = 0, 0, ""
+        steps, skipped, scale_skips, why = 0, 0, 0, ""
         skipped_by_deepspeed = self.engine.skipped_steps
         for _ in range(epochs):
             order = torch.randperm(batch.batch_size, generator=gen)
@@ -229,7 +230,14 @@ class _DeepSpeedTrainer:
                         # Without ZeRO, DeepSpeed steps a plain torch optimizer and measures no gradient norm
                         # (its clipping lets NaN through): measure it here, before the step applies anything.
                         norm = self._grad_norm()
-                        skip = not math.isfinite(norm) or bool(bad_loss)
+                        # fp16's own optimizer wrapper handles an overflowing gradient (and lowers its loss scale)
+                        skip = bool(bad_loss) or (not math.isfinite(norm) and self.dtype != torch.float16)
+                        if self.world_size > 1:  # a non-finite loss is one rank's: every rank must skip alike
+                            import torch.distributed as dist
+
+                            flag = torch.tensor([float(skip)], device=self.device)
+                            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                            skip = bool(flag.item())
                     if skip:
                         with _skipped_step(self.engine.optimizer):  # DeepSpeed counts it skipped, keeps the lr
                             self.engine.step()
@@ -237,9 +245,13 @@ class _DeepSpeedTrainer:
                         self.engine.step()
                     tokens += micro.num_tokens()
                 steps += 1
-                if self.engine.skipped_steps - skipped_by_deepspeed > skipped:  # this step was skipped
-                    skipped += 1
-                    why = why or bad_loss or f"the gradient norm is {norm if self.zero_stage == 0 else 'not finite'}"
+                if self.engine.skipped_steps - skipped_by_deepspeed > skipped + scale_skips:  # this step was skipped
+                    if self.dtype == torch.float16 and not bad_loss:
+                        scale_skips += 1  # fp16's loss scale finding its level: DeepSpeed's routine, not a fault
+                    else:
+                        skipped += 1
+                        why = why or bad_loss or ("the gradient norm is not finite" if self.zero_stage or not math.isfinite(norm)
+                                                  else "another rank's loss is not finite")
                 elif bad_loss:  # ZeRO without a gradient-norm check (no clipping) applied it
                     raise NonFiniteError(f"{bad_loss} in {objective} update {self.update_count + 1}, and the "
                                          "optimizer step was applied, so the weights are no longer valid: resume "
@@ -248,6 +260,8 @@ class _DeepSpeedTrainer:
         out = {k: v / n for k, v in sums.items()} if n else {}
         out["skipped_steps"] = skipped
         out["optimizer_steps"] = steps
+        if scale_skips:
+            out["loss_scale_skips"] = scale_skips
         if skipped:
             out["skip_reason"] = (f"{skipped} of {steps} optimizer steps of {objective} update {self.update_count} "
                                   f"skipped, the first because {why}")

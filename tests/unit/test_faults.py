@@ -156,8 +156,8 @@ def test_skipped_steps_are_said_and_only_so_many_in_a_row_are_tolerated():
                                             r"\(fault_tolerance.max_bad_steps=3\); the last: the last one\. Usual causes"):
         bad.record(5, "the last one")
     assert bad.total == 4 and len(said) == 4
-    assert said[0] == ("warning: step 1: reward.function='m:f' returned nan; nothing of it was applied (1 in a row, the "
-                       "run stops at fault_tolerance.max_bad_steps=3)")
+    assert said[0] == ("warning: step 1: reward.function='m:f' returned nan (1 in a row; the run stops at "
+                       "fault_tolerance.max_bad_steps=3)")
 
 
 def test_auto_resume_continues_a_checkpoint_else_starts_afresh(tmp_path, tiny_model_dir):
@@ -170,9 +170,9 @@ def test_auto_resume_continues_a_checkpoint_else_starts_afresh(tmp_path, tiny_mo
 
     said = []
     assert auto_resume(cfg("grpo.yaml", tmp_path / "new"), said.append) == (False, False)  # nothing there: plain start
-    crashed = used(tmp_path / "crashed")  # metrics and a step directory, but no committed checkpoint (no `latest`)
+    crashed = used(tmp_path / "crashed")  # metrics and a step directory, but no committed checkpoint (no manifest)
     assert auto_resume(cfg("grpo.yaml", crashed), said.append) == (False, True)
-    (crashed / "checkpoints" / "latest").write_text("step_000003")
+    (crashed / "checkpoints" / "step_000003" / "manifest.json").write_text("{}")  # finished, `latest` not yet moved
     assert auto_resume(cfg("grpo.yaml", crashed), said.append) == (True, False)
     assert auto_resume(cfg("sft.yaml", crashed), said.append) == (False, True)  # offline stages restart from inputs
     assert said == [f"--auto-resume: no checkpoint in {crashed}; starting afresh in {crashed}",

@@ -79,7 +79,7 @@ def test_function_output_that_is_not_numbers_is_named(reward_module, name, messa
 
 
 @pytest.mark.parametrize("out, message", [
-    ("abc", "got str"), ([1.0], "returned 1 values for 2"),
+    ("abc", "got str"), ([1.0], "returned 1 values for 2"), ([1.0, float("nan")], "non-finite reward \\(nan\\) for response 1"),
     ([1.0, "2"], "returned str '2' for response 1"), (5.0, "got float"),
 ])
 def test_as_rewards_refuses_anything_but_one_number_per_row(out, message):
@@ -94,8 +94,8 @@ def test_as_rewards_accepts_lists_tuples_arrays_and_tensors():
         assert as_rewards(out, 2, "src").tolist() == [1.0, 2.5]
 
 
-def test_non_finite_rewards_pass_to_the_driver_which_skips_their_step():
-    out = as_rewards([1.0, float("nan"), float("inf")], 3, "src")
+def test_non_finite_rewards_pass_only_for_training_where_the_driver_skips_their_step():
+    out = as_rewards([1.0, float("nan"), float("inf")], 3, "src", allow_nonfinite=True)
     assert out[0] == 1.0 and out[1].isnan() and out[2].isinf()
 
 
