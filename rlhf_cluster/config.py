@@ -434,9 +434,10 @@ class FaultToleranceConfig(_Strict):
         "backend=local every role is in the driver's process and there is nothing to restart.")
     max_bad_steps: int = Field(
         3, ge=1, description="A step whose rewards are not finite (NaN or inf from the reward) or whose loss or "
-        "gradient norm is not finite is skipped (nothing of it is applied; the weights, optimizer state and "
-        "learning-rate schedule stay as they were) and said in the log and metrics.jsonl (step/skipped); after this "
-        "many skipped steps in a row the run stops, naming the last cause. Every method, offline stages included.")
+        "gradient norm is not finite is skipped (a skipped optimizer step leaves the weights, optimizer state and "
+        "learning-rate schedule as they were; a skipped reward trains on nothing) and said in the log and "
+        "metrics.jsonl (step/skipped); after this many skipped steps in a row the run stops, naming the last "
+        "cause. Every method, offline stages included.")
 
 
 class ClusterConfig(_Strict):

@@ -222,9 +222,9 @@ class OfflineRun:
                                    what="update").get()
         secs = time.perf_counter() - t
         m = mean_stats(stats, "train/")
-        if skip_reason(stats, self.stage.objective):
-            m["skip_reason"] = skip_reason(stats, self.stage.objective)
-            m["step/skipped"] = 1
+        reason = skip_reason(stats, self.stage.objective)
+        if reason:
+            m["skip_reason"], m["step/skipped"] = reason, 1
         m["tps/train"] = sum(s["train_tokens"] for s in stats) / max(secs, 1e-9)
         m["time/prepare"] = t - t0  # collation and the on-the-fly reference forward
         m["time/training"] = secs

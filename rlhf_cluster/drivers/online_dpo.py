@@ -76,8 +76,9 @@ class OnlineDPOStep:
                                    beta=p.beta, loss_params=p.loss_params,
                                    what="policy update").get()
             upd = {**mean_stats(stats, "actor/"), "tps/train_policy": train_tokens_per_second(stats)}
-            if skip_reason(stats, "policy"):
-                upd["skip_reason"] = skip_reason(stats, "policy")
+            reason = skip_reason(stats, "policy")
+            if reason:
+                upd["skip_reason"] = reason
         t_train = time.perf_counter() - t
 
         t = time.perf_counter()
