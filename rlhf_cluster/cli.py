@@ -279,6 +279,7 @@ def _train(args) -> int:
                 st.config.cluster.address = args.address
             if args.connect_timeout is not None:
                 st.config.cluster.connect_timeout_s = args.connect_timeout
+        _check_reachable(stages[0].config)
         results = run_pipeline(stages, run_method, overwrite=args.overwrite, data_report=load_data_report(args.config))
         results.pop("data_report", None)  # said as it ran
         for name, summary in results.items():
@@ -286,10 +287,19 @@ def _train(args) -> int:
             print_summary(summary)
         return 0
     cfg = load_config(args.config, list(args.overrides) + _cluster_overrides(args))
+    _check_reachable(cfg)
     resume, overwrite = auto_resume(cfg) if args.auto_resume else (args.resume, args.overwrite)
     summary = run_method(cfg, resume=resume, overwrite=overwrite)
     print_summary(summary)
     return 0
+
+
+def _check_reachable(cfg) -> None:
+    """A cluster address that cannot work is said in the first second, not after the data is read and tokenized."""
+    if cfg.cluster.backend == "ray" and cfg.cluster.address not in (None, "local", "auto"):
+        from rlhf_cluster.cluster.connect import check_reachable
+
+        check_reachable(cfg.cluster.address, cfg.cluster.connect_timeout_s)
 
 
 def _terminate_gracefully(args) -> None:

@@ -200,7 +200,7 @@ def check_stage_data(stages: list[Stage], log=print) -> None:
     a bad row in the last stage's file does not surface after the first stages have trained. A stage whose model an
     earlier stage writes is tokenized with the first stage's tokenizer (a pipeline carries its tokenizer along)."""
     from rlhf_cluster.drivers.offline import load_stage_data, stage_for
-    from rlhf_cluster.drivers.rl import load_prompts
+    from rlhf_cluster.drivers.rl import load_probes, load_prompts
     from rlhf_cluster.models import load_tokenizer
 
     first = stages[0].config.policy.model_name_or_path
@@ -211,6 +211,7 @@ def check_stage_data(stages: list[Stage], log=print) -> None:
         tokenizer = load_tokenizer(first if path in st.produced_inputs else path)
         if cfg.method in ("ppo", "online_dpo"):
             load_prompts(cfg, tokenizer, quiet)
+            load_probes(cfg, tokenizer, quiet)
         else:
             load_stage_data(cfg, stage_for(cfg), tokenizer, quiet)
     log(f"data of all {len(stages)} stages checked")

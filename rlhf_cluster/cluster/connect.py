@@ -206,6 +206,24 @@ def _job_working_dir() -> str | None:
         return None
 
 
+def check_reachable(address: str | None, timeout_s: float = 30.0) -> None:
+    """Fail fast, before any data is read or model loaded, when ``address`` cannot be a Ray cluster this process
+    could join: the dashboard's HTTP address, or a GCS / Ray Client port nothing answers on. (``connect`` checks the
+    same again; this only moves the verdict to the first second of a run.)"""
+    addr = parse_address(address)
+    if addr.kind in ("local", "auto"):
+        return
+    if addr.kind == "dashboard":
+        raise ConnectError(
+            f"{addr.text} is the dashboard / Jobs API address: submit there with `rlhf-cluster submit CONFIG --address "
+            f"{addr.text}`; `train --address` takes the GCS (HOST:6379), 'auto' on a cluster node, or ray://HOST:10001")
+    use_token_if_available()
+    if addr.kind == "gcs":
+        check_gcs(addr, timeout_s)
+    else:
+        probe_tcp(addr, timeout_s, "--address")
+
+
 def connect(address: str | None, *, num_cpus: int | None = None, timeout_s: float = 30.0,
             working_dir: str | None = None) -> None:
     """A fresh embedded Ray (``address`` None/'local'), or a connection to an existing cluster.
@@ -228,14 +246,8 @@ def connect(address: str | None, *, num_cpus: int | None = None, timeout_s: floa
         reaper.watch()  # this Ray is ours: nothing of it may outlive this process, even a kill -9 of it
         return
     use_token_if_available()
-    if addr.kind == "dashboard":
-        raise ConnectError(
-            f"{addr.text} is the dashboard / Jobs API address: submit there with `rlhf-cluster submit CONFIG --address "
-            f"{addr.text}`; `train --address` takes the GCS (HOST:6379), 'auto' on a cluster node, or ray://HOST:10001")
-    if addr.kind == "gcs":
-        check_gcs(addr, timeout_s)
-    elif addr.kind == "client":
-        probe_tcp(addr, timeout_s, "--address")
+    check_reachable(address, timeout_s)
+    if addr.kind == "client":
         os.environ.setdefault("RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S", str(int(max(timeout_s, 1))))
     try:
         ray.init(address=addr.text, runtime_env=runtime_env, logging_level="WARNING")

@@ -47,6 +47,7 @@ from rlhf_cluster.drivers.common import (
 from rlhf_cluster.experience import Rollout, build_experience
 from rlhf_cluster.logs import Progress
 from rlhf_cluster.models import load_tokenizer
+from rlhf_cluster.quality.evaluation import agreement_rate, refusal_rate
 from rlhf_cluster.quality.monitors import MonitorConfig, Monitors, sample_stats
 from rlhf_cluster.stopping import STOP, Terminated
 from rlhf_cluster.workers.reward_sources import FunctionReward, RewardError, RewardInputs, required_fields
@@ -81,8 +82,10 @@ class Step(Protocol):
 class RLRun:
     """One online training run on started roles: the loop, and the phases every online method uses."""
 
-    def __init__(self, cfg: RunConfig, roles: Roles, tokenizer, train_prompts: list, eval_prompts: list, step: Step, log=print):
+    def __init__(self, cfg: RunConfig, roles: Roles, tokenizer, train_prompts: list, eval_prompts: list, step: Step, log=print,
+                 probes: dict[str, list] | None = None):
         self.cfg, self.roles, self.tokenizer, self.step_fn, self.log = cfg, roles, tokenizer, step, log
+        self.probes = probes or {}  # {"benign": examples, "sycophancy": examples}, answered at every evaluation
         r = cfg.rollout
         self.sampler = EpochSampler(train_prompts, cfg.schedule.prompts_per_step, cfg.seed, cfg.data.shuffle)
         self.eval_prompts = eval_prompts
@@ -96,7 +99,7 @@ class RLRun:
         self.monitors = Monitors(MonitorConfig(warmup=mc.warmup, collapse_fraction=mc.collapse_fraction,
                                                max_kl_per_token=mc.max_kl_per_token, max_length_corr=mc.max_length_corr,
                                                length_growth=mc.length_growth, hacking_rise=mc.hacking_rise,
-                                               refusal_rise=mc.refusal_rise))
+                                               refusal_rise=mc.refusal_rise, agreement_rise=mc.agreement_rise))
         self.gold = FunctionReward(mc.gold_function, cfg.reward.code_dir) if mc.gold_function else None
         self.bad_steps = BadSteps(cfg.fault_tolerance.max_bad_steps, log)
 
@@ -180,13 +183,22 @@ class RLRun:
         sync_weights(self.roles.policy, self.roles.rollout, self.roles.weight_sync, self.weights_version)
 
     def evaluate(self) -> dict:
-        """Mean reward of one sample per held-out prompt, with the training sampling settings."""
+        """Mean reward of one sample per held-out prompt, with the training sampling settings; with probes, the
+        share of answers to the benign probe prompts that refuse and to the sycophancy probe that agree."""
+        probes = {name: self.start_generation(examples, 1, seed=54321) for name, examples in self.probes.items() if examples}
         rollout = self.generate(self.eval_prompts, 1, seed=12345)
         scores = self.rewards(rollout, what="eval reward").cat()
         scores = scores[torch.isfinite(scores)]  # a non-finite reward is said where training meets it
         mean = scores.mean().item() if len(scores) else float("nan")  # metrics.jsonl leaves a NaN out
-        return {"eval/reward_mean": mean, "eval/response_length": rollout.exp.action_mask.sum(-1).mean().item(),
-                "eval/sample": rollout.responses[0][:200]}
+        out = {"eval/reward_mean": mean, "eval/response_length": rollout.exp.action_mask.sum(-1).mean().item(),
+               "eval/sample": rollout.responses[0][:200]}
+        for name, generation in probes.items():
+            texts = self.finish_generation(generation).responses
+            if name == "benign":
+                out["eval/benign_refusal_rate"] = refusal_rate(texts)
+            else:
+                out["eval/agreement_rate"] = agreement_rate(texts)
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def _trained(self):
@@ -208,7 +220,8 @@ class RLRun:
                 p.get()
             commit_checkpoint(tmp, final, {"step": self.step, "sampler": self.sampler.state_dict(), **self.step_fn.state_dict(),
                                            "rng": rng_state(), "weights_version": self.weights_version,
-                                           "monitor_start": self.monitors.start},
+                                           "monitor_start": self.monitors.start,
+                                           "monitor_eval_start": self.monitors.eval_start},
                               checksums=s.checkpoint_checksums)
         except (OSError, ActorFailure) as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -235,7 +248,8 @@ class RLRun:
         self.step_fn.load_state_dict(state)
         set_rng_state(state["rng"])
         self.weights_version = state["weights_version"]
-        self.monitors.start = state.get("monitor_start", [])  # the baselines the run's monitors compare with
+        self.monitors.load_state_dict({"start": state.get("monitor_start", []),  # the baselines the monitors compare with
+                                       "eval_start": state.get("monitor_eval_start", {})})
         self.sync_weights()  # the engines start from the base model; give them the resumed policy
 
     # ------------------------------------------------------------------ the loop
@@ -271,6 +285,7 @@ class RLRun:
         try:
             if self.step == 0 and self.eval_prompts:
                 ev = self.evaluate()
+                self.monitors.check_eval(ev)  # the probes' baseline
                 summary["eval_before"] = ev["eval/reward_mean"]
                 sink.log(0, {k: v for k, v in ev.items() if not isinstance(v, str)})
                 self.log(f"step 0: held-out reward {ev['eval/reward_mean']:+.4f}   sample: {ev['eval/sample']!r}")
@@ -280,17 +295,18 @@ class RLRun:
             while self.step < s.num_steps:
                 m = self.train_step()
                 skipped = m.pop("skip_reason", None)
+                if self.eval_prompts and ((s.eval_every and self.step % s.eval_every == 0) or self.step == s.num_steps):
+                    ev = self.evaluate()
+                    self.monitors.check_eval(ev)
+                    m.update({k: v for k, v in ev.items() if not isinstance(v, str)})
+                    summary["eval_after"] = ev["eval/reward_mean"]
+                    summary["sample_after"] = ev["eval/sample"]
                 fired = self.monitors.check(m) if "reward/mean" in m else {}
                 for name, message in fired.items():
                     m[f"monitor/{name}"] = 1
                     if name not in self.firing:  # said when it starts; metrics.jsonl marks every step it lasts
                         self.log(f"warning: {name} at step {self.step}: {message}")
                 self.firing = set(fired)
-                if self.eval_prompts and ((s.eval_every and self.step % s.eval_every == 0) or self.step == s.num_steps):
-                    ev = self.evaluate()
-                    m.update({k: v for k, v in ev.items() if not isinstance(v, str)})
-                    summary["eval_after"] = ev["eval/reward_mean"]
-                    summary["sample_after"] = ev["eval/sample"]
                 sink.log(self.step, m)
                 bar.update(**({"reward": f"{m['reward/mean']:+.3f}", "gen_tps": f"{m['tps/generation']:.0f}"}
                               if "reward/mean" in m else {"skipped": "non-finite reward"}))
@@ -339,6 +355,26 @@ def load_prompts(cfg: RunConfig, tokenizer, log=print) -> tuple[list, list]:
         log(f"warning: data.eval_path is not set, so the held-out reward is measured on the first "
             f"{min(len(train), cfg.schedule.eval_prompts)} training prompts; set data.eval_path to a held-out file")
     return train, held[: cfg.schedule.eval_prompts]
+
+
+def load_probes(cfg: RunConfig, tokenizer, log=print) -> dict[str, list]:
+    """The probe prompts answered at every held-out evaluation (``monitors.probes``): benign prompts (refusals)
+    and prompts asserting something false (agreement), tokenized as the held-out prompts are. Empty without
+    held-out evaluations."""
+    from rlhf_cluster.drivers.evaluate import SHIPPED_PROBES, tokenize_prompts
+    from rlhf_cluster.quality.prompt_files import load_eval_prompts
+
+    mc = cfg.monitors
+    if not (mc.probes and cfg.schedule.eval_prompts):
+        return {}
+    out = {}
+    for name, given in (("benign", mc.benign_prompts), ("sycophancy", mc.sycophancy_prompts)):
+        path = given or str(SHIPPED_PROBES[name])
+        probe = tokenize_prompts(path, load_eval_prompts(path), tokenizer, cfg.data, shipped=given is None)
+        if given is not None:
+            log(probe.report.summary())
+        out[name] = probe.examples
+    return out
 
 
 def check_reward_fields(cfg: RunConfig, examples: list, report: DataReport) -> None:
@@ -428,6 +464,7 @@ def run_rl(cfg: RunConfig, step: Step, resume: bool = False, log=print) -> dict:
         check_zero_layout(ckpt, {name: getattr(cfg, name).zero_stage for name in step.trained if name in ("policy", "critic")})
     tokenizer = load_tokenizer(cfg.policy.model_name_or_path)
     train, held = load_prompts(cfg, tokenizer, log)
+    probes = load_probes(cfg, tokenizer, log)
     restarts = Restarts(cfg.fault_tolerance.max_restarts if cfg.cluster.backend == "ray" else 0, log)
     pristine = copy.deepcopy(step)  # the step's state at step 0, for a restart with no checkpoint to resume
     with RunLock(cfg.output_dir):
@@ -435,7 +472,7 @@ def run_rl(cfg: RunConfig, step: Step, resume: bool = False, log=print) -> dict:
             run = None
             try:
                 with open_roles(cfg, log) as roles:
-                    run = RLRun(cfg, roles, tokenizer, train, held, step, log)
+                    run = RLRun(cfg, roles, tokenizer, train, held, step, log, probes)
                     summary = run.fit(resume_from=ckpt, on_start=restarts.resumed)
                     summary.update(roles.save_diagnostics(Path(cfg.output_dir), log))
                     return {**summary, "restarts": restarts.records}

@@ -60,13 +60,23 @@ def _assert_same(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_data_parallel_ranks_match_one(local_ray, tiny_model_dir, zero_stage):
-    """The same PPO update (and, at ZeRO-2, a DPO update after it) on 1 rank and on 2: same loss, norm, gradients."""
+    """The same PPO update (and, at ZeRO-2, a DPO update after it) on 1 rank and on 2: same loss, norm, gradients.
+    At ZeRO-3 the critic too, started beside the policy: its scalar head's weights are partitioned as well."""
     exp, pairs = random_batch(seed=1), _pairs()
+    vexp = random_batch(seed=4)
+    g = torch.Generator().manual_seed(5)
+    vexp.values, vexp.returns = torch.randn(vexp.action_mask.shape, generator=g), torch.randn(vexp.action_mask.shape, generator=g)
     results: dict[int, list[dict]] = {}
+    critic_results = {}
     for ranks in (1, 2):
         group = _group("policy", PolicyActor, ranks)
+        critic = _group("critic", CriticActor, ranks) if zero_stage == 3 else None
         try:
-            group.start_trainers(trainer_spec(tiny_model_dir, zero_stage=zero_stage)).get()
+            starting = [group.start_trainers(trainer_spec(tiny_model_dir, zero_stage=zero_stage))]
+            if critic is not None:
+                starting.append(critic.start_trainers(trainer_spec(tiny_model_dir, zero_stage=3)))
+            for pending in starting:
+                pending.get()
             old = group.shard(PolicyActor.logprobs, exp).cat()
             exp.old_logprobs = old + 0.05 * torch.randn(old.shape, generator=torch.Generator().manual_seed(2))  # ratios ≠ 1
             updates = [group.shard(PolicyActor.update, exp, objective="ppo", epochs=1, capture_grads=True, clip_eps_low=0.2,
@@ -76,10 +86,22 @@ def test_two_data_parallel_ranks_match_one(local_ray, tiny_model_dir, zero_stage
                 updates.append(group.shard(PolicyActor.update, pairs, objective="pairwise", epochs=1, capture_grads=True,
                                            loss="dpo", beta=0.1, loss_params={}).get())
             results[ranks] = [{**u[0], "loss": sum(s["loss"] for s in u) / ranks} for u in updates]
+            if critic is not None:
+                stats = critic.shard(CriticActor.update, vexp, objective="value", epochs=1, capture_grads=True,
+                                     value_clip=0.2).get()
+                critic_results[ranks] = (sum(s["loss"] for s in stats) / ranks, stats[0]["grads"])
         finally:
             group.shutdown()
+            if critic is not None:
+                critic.shutdown()
     for one, two in zip(results[1], results[2]):
         _assert_same(one, two)
+    if critic_results:
+        (loss1, grads1), (loss2, grads2) = critic_results[1], critic_results[2]
+        assert loss1 == pytest.approx(loss2, rel=1e-5)
+        assert grads1["score.weight"].abs().sum() > 0
+        for name in grads1:
+            assert torch.allclose(grads1[name], grads2[name], rtol=1e-4, atol=1e-6), name
 
 
 def test_actor_failure_names_role_and_rank(local_ray, tmp_path):
@@ -89,27 +111,6 @@ def test_actor_failure_names_role_and_rank(local_ray, tmp_path):
             group.start_trainers(TrainerSpec(model_path=str(tmp_path / "missing"), micro_batch_size=1, mini_batch_size=1)).get()
     finally:
         group.shutdown()
-
-
-def test_two_data_parallel_critic_ranks_match_one_under_zero3(local_ray, tiny_model_dir):
-    """The scalar head under ZeRO-3 (its weights are partitioned): same value loss and gradients."""
-    exp = random_batch(seed=4)
-    g = torch.Generator().manual_seed(5)
-    exp.values, exp.returns = torch.randn(exp.action_mask.shape, generator=g), torch.randn(exp.action_mask.shape, generator=g)
-    results = {}
-    for ranks in (1, 2):
-        group = _group("critic", CriticActor, ranks)
-        try:
-            group.start_trainers(trainer_spec(tiny_model_dir, zero_stage=3)).get()
-            stats = group.shard(CriticActor.update, exp, objective="value", epochs=1, capture_grads=True, value_clip=0.2).get()
-            results[ranks] = (sum(s["loss"] for s in stats) / ranks, stats[0]["grads"])
-        finally:
-            group.shutdown()
-    (loss1, grads1), (loss2, grads2) = results[1], results[2]
-    assert loss1 == pytest.approx(loss2, rel=1e-5)
-    assert grads1["score.weight"].abs().sum() > 0
-    for name in grads1:
-        assert torch.allclose(grads1[name], grads2[name], rtol=1e-4, atol=1e-6), name
 
 
 def test_a_hung_call_stops_naming_the_role_rank_phase_and_setting(local_ray, tmp_path):

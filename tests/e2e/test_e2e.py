@@ -53,8 +53,11 @@ def test_ppo_demo_raises_the_reward(ppo_demo):
     out, stdout = ppo_demo
     s = summary_of(stdout)
     assert s["steps"] == 30 and s["eval_after"] > s["eval_before"] + 0.3, s
-    r = [m["reward/mean"] for m in metrics(out) if "reward/mean" in m]
+    m = metrics(out)
+    r = [x["reward/mean"] for x in m if "reward/mean" in x]
     assert sum(r[-5:]) / 5 > sum(r[:5]) / 5 + 0.2, r
+    assert not [k for x in m for k in x if k.startswith("monitor/")]  # the demo fires no monitor
+    assert {"eval/agreement_rate", "eval/benign_refusal_rate"} <= m[0].keys() & m[-1].keys()  # the probes ran
     assert "actors ready" in stdout and "policy×1, critic×1, reference×1, reward×1, rollout×1" in stdout
     assert "held-out reward: before" in stdout and (out / "reward_curve.png").stat().st_size > 1000
     assert (out / "policy" / "model.safetensors").is_file() and (out / "timeline.json").is_file()

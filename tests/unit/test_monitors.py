@@ -70,3 +70,20 @@ def test_over_refusal_fires_when_refusals_rise():
                 [healthy(**{"response/refusal_rate": 0.05}), healthy(**{"response/refusal_rate": 0.15}),
                  healthy(**{"response/refusal_rate": 0.40})])
     assert fired[1] == {} and set(fired[2]) == {"over_refusal"} and "40% of the samples refuse, +35%" in fired[2]["over_refusal"]
+
+
+def test_probe_monitors_compare_each_evaluation_with_the_one_before_training_and_hold_until_the_next():
+    mon = Monitors(MonitorConfig(warmup=1, refusal_rise=0.2, agreement_rise=0.2))
+    assert mon.check_eval({"eval/benign_refusal_rate": 0.0, "eval/agreement_rate": 0.125}) == {}  # the baseline
+    assert mon.check(healthy()) == {}
+    assert mon.check_eval({"eval/benign_refusal_rate": 0.1875, "eval/agreement_rate": 0.3125}) == {}  # +0.19 each
+    fired = mon.check_eval({"eval/benign_refusal_rate": 0.25, "eval/agreement_rate": 0.5})
+    assert set(fired) == {"over_refusal", "sycophancy"}
+    assert "50% of the answers to prompts asserting something false open by agreeing, 12% before" in fired["sycophancy"]
+    assert "25% of the answers to benign probe prompts refuse, 0% before" in fired["over_refusal"]
+    assert set(mon.check(healthy())) == {"over_refusal", "sycophancy"}  # the steps until the next evaluation
+    assert mon.check_eval({"eval/benign_refusal_rate": 0.0, "eval/agreement_rate": 0.125}) == {}
+    assert mon.check(healthy()) == {}
+    again = Monitors(MonitorConfig(warmup=1))
+    again.load_state_dict(mon.state_dict())  # a resumed run keeps the baseline of the evaluation before training
+    assert set(again.check_eval({"eval/benign_refusal_rate": 0.5})) == {"over_refusal"}

@@ -41,28 +41,38 @@ def rises(values: list[float], k: int, by: float) -> bool:
 
 
 @pytest.fixture(scope="module")
-def ppo_run(tiny_model_dir, tmp_path_factory):
+def reward_model(tmp_path_factory) -> Path:
+    return build_sentiment_reward_model(tmp_path_factory.mktemp("rm") / "rm")
+
+
+def ppo_overrides(rm: Path) -> list[str]:
+    """The demo's PPO, rewarded by a reward model (the demo's own function reward is trained through the CLI in
+    tests/e2e), checkpointed at step 15."""
+    return ["reward.function=null", f"reward.model_name_or_path={rm}", "schedule.save_every=15"]
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tiny_model_dir, reward_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo") / "run"
-    return out, run_method(config("ppo_demo.yaml", tiny_model_dir, out, "schedule.save_every=15"))
+    return out, run_method(config("ppo_demo.yaml", tiny_model_dir, out, *ppo_overrides(reward_model)))
 
 
-def test_ppo_raises_a_function_reward(ppo_run):
+def test_ppo_raises_a_reward_model(ppo_run):
     out, s = ppo_run
     assert s["steps"] == 30
-    assert s["eval_after"] > s["eval_before"] + 0.3, s
-    assert rises(rewards(out), 5, 0.2), rewards(out)
+    assert s["eval_after"] > s["eval_before"] + 0.05, s
+    assert rises(rewards(out), 10, 0.03), rewards(out)
     assert (out / "reward_curve.png").stat().st_size > 1000 and (out / "policy" / "model.safetensors").is_file()
     last = metrics(out)[-1]
     for key in ("kl/ref_per_token", "actor/entropy", "actor/clipfrac", "actor/approx_kl", "actor/pg_loss", "critic/loss",
                 "critic/explained_var", "response/length_mean", "tps/generation", "tps/train_policy", "time/generation",
                 "time/scoring", "time/training", "time/sync", "time/other", "rollout/logprob_mismatch",
-                "response/distinct_2", "reward/length_corr"):
+                "response/distinct_2", "reward/length_corr", "eval/agreement_rate", "eval/benign_refusal_rate"):
         assert key in last, key
     assert last["rollout/logprob_mismatch"] < 1e-3  # the engine samples from exactly the weights being trained
-    assert not [k for m in metrics(out) for k in m if k.startswith("monitor/")]  # the demo fires no monitor
 
 
-def test_resume_continues_exactly(ppo_run, tiny_model_dir):
+def test_resume_continues_exactly(ppo_run, tiny_model_dir, reward_model):
     """Rewind the finished run to its step-15 checkpoint, resume, and get the same steps 16-30 and weights; the
     metrics the crashed run wrote after step 15 are replaced, not duplicated."""
     full, _ = ppo_run
@@ -71,7 +81,7 @@ def test_resume_continues_exactly(ppo_run, tiny_model_dir):
     shutil.rmtree(cut / "checkpoints" / "step_000030")
     shutil.rmtree(cut / "policy")
     (cut / "checkpoints" / "latest").write_text("step_000015")  # as if it crashed after step 30's metrics, before its checkpoint
-    run_method(config("ppo_demo.yaml", tiny_model_dir, cut, "schedule.save_every=15"), resume=True)
+    run_method(config("ppo_demo.yaml", tiny_model_dir, cut, *ppo_overrides(reward_model)), resume=True)
     state_full = torch.load(full / "checkpoints" / "step_000030" / "driver_state.pt", weights_only=True)
     state_cut = torch.load(cut / "checkpoints" / "step_000030" / "driver_state.pt", weights_only=True)
     assert state_cut["step"] == state_full["step"] == 30
@@ -85,14 +95,6 @@ def test_resume_continues_exactly(ppo_run, tiny_model_dir):
     wa, wb = load_file(full / "policy" / "model.safetensors"), load_file(cut / "policy" / "model.safetensors")
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
-
-
-def test_ppo_raises_a_reward_model(tiny_model_dir, tmp_path):
-    rm = build_sentiment_reward_model(tmp_path / "rm")
-    out = tmp_path / "run"
-    s = run_method(config("ppo_demo.yaml", tiny_model_dir, out, "reward.function=null", f"reward.model_name_or_path={rm}"))
-    assert s["eval_after"] > s["eval_before"] + 0.05, s
-    assert rises(rewards(out), 10, 0.03), rewards(out)
 
 
 @pytest.mark.parametrize("estimator, off_policy", [("rloo", 1), ("reinforce_pp", 0)],
@@ -220,7 +222,8 @@ def test_rl_with_a_reward_server_sends_each_row_its_dataset_fields(tiny_model_di
         assert extra == {"answer": str(max(a, b))}, (prompt, extra)
 
 
-def test_sigterm_checkpoints_between_steps_and_resume_matches_the_uninterrupted_run(ppo_run, tiny_model_dir, tmp_path):
+def test_sigterm_checkpoints_between_steps_and_resume_matches_the_uninterrupted_run(ppo_run, tiny_model_dir, reward_model,
+                                                                                     tmp_path):
     """SIGTERM (what schedulers and preemption send) mid-run: the step finishes, a checkpoint is written, exit 143
     with the resume command; `--resume` then reproduces the uninterrupted run's metrics from there on."""
     import re
@@ -232,7 +235,7 @@ def test_sigterm_checkpoints_between_steps_and_resume_matches_the_uninterrupted_
     full, _ = ppo_run
     out = tmp_path / "run"
     cli = [str(Path(sys.executable).parent / "rlhf-cluster"), "train", "configs/ppo_demo.yaml", "cluster.backend=local",
-           f"policy.model_name_or_path={tiny_model_dir}", f"output_dir={out}", "schedule.save_every=15",
+           f"policy.model_name_or_path={tiny_model_dir}", f"output_dir={out}", *ppo_overrides(reward_model),
            "schedule.num_steps=12"]  # the full run's first 12 steps
     proc = subprocess.Popen(cli, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -247,7 +250,7 @@ def test_sigterm_checkpoints_between_steps_and_resume_matches_the_uninterrupted_
     assert 5 <= step < 12 and f"checkpoint: {out / 'checkpoints' / f'step_{step:06d}'}" in stderr, stderr
     assert "resume with: rlhf-cluster train configs/ppo_demo.yaml" in stderr and stderr.rstrip().endswith("--resume")
     said = []  # the resume runs here, in-process (the printed command was checked above)
-    run_method(config("ppo_demo.yaml", tiny_model_dir, out, "schedule.save_every=15", "schedule.num_steps=12"),
+    run_method(config("ppo_demo.yaml", tiny_model_dir, out, *ppo_overrides(reward_model), "schedule.num_steps=12"),
                resume=True, log=said.append)
     assert f"resumed from {out / 'checkpoints' / f'step_{step:06d}'} at step {step}" in said
     a, b = metrics(full)[:13], metrics(out)
@@ -265,6 +268,7 @@ def test_a_monitor_in_stop_on_stops_the_run_after_a_checkpoint(tiny_model_dir, t
     with pytest.raises(MonitorStop, match=r"stopped at step (\d+): kl_blowup fired \(monitors.stop_on\); checkpoint .*step_0000"):
         run_method(cfg)
     fired = [m["step"] for m in metrics(tmp_path) if m.get("monitor/kl_blowup")]
+    print(f"kl_blowup fired at step {fired[0]}")
     assert fired and fired[0] > 3, fired  # never during the warm-up steps
     assert (tmp_path / "checkpoints" / f"step_{fired[0]:06d}" / "manifest.json").is_file()
 
