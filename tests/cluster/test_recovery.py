@@ -73,35 +73,31 @@ class KillAt(threading.Thread):
 
 
 def test_killed_actors_are_restarted_from_the_last_checkpoint(local_ray, tiny_model_dir, tmp_path):
-    """The policy killed after step 3, then the rollout engine (vLLM) after step 5: each time every role is
-    restarted from the newest checkpoint, the lost step is redone, and its metrics equal the lost ones."""
+    """The policy and the rollout engine (vLLM) both killed after step 3: every role is restarted from the newest
+    checkpoint (step 2), the lost step is redone, and its metrics equal the lost ones. (One restart for both keeps
+    the suite's budget; how Restarts counts failures is tested in tests/unit/test_faults.py.)"""
     out = tmp_path / "run"
-    killer = KillAt(out, [(3, "policy"), (5, "rollout")])
+    killer = KillAt(out, [(3, "policy"), (3, "rollout")])
     killer.start()
     said: list[str] = []
     t = time.perf_counter()
     try:
-        summary = run_ppo(small_grpo(tiny_model_dir, out, "schedule.num_steps=6", "fault_tolerance.max_restarts=2"),
-                          log=said.append)
+        summary = run_ppo(small_grpo(tiny_model_dir, out, "fault_tolerance.max_restarts=1"), log=said.append)
     finally:
         killer.done.set()
     wall = time.perf_counter() - t
     print("restarts:", summary["restarts"])  # the recovery times the README quotes (pytest -s)
-    assert killer.lines.keys() == {3, 5}, "the steps to kill after never appeared"
-    assert summary["steps"] == 6 and {"eval_before", "eval_after"} <= summary.keys(), summary
-    first, second = summary["restarts"]
-    assert first["actor"] == "policy rank 0" and first["kind"] == "died", first
+    assert killer.lines.keys() == {3}, "the step to kill after never appeared"
+    assert summary["steps"] == 4 and {"eval_before", "eval_after"} <= summary.keys(), summary
+    (first,) = summary["restarts"]
+    assert first["actor"] in ("policy rank 0", "rollout rank 0") and first["kind"] == "died", first
     assert (first["failed_at_step"], first["resumed_from_step"], first["steps_lost"]) == (3, 2, 1), first
-    assert second["actor"] == "rollout rank 0" and second["kind"] == "died", second
-    assert (second["failed_at_step"], second["resumed_from_step"], second["steps_lost"]) == (5, 4, 1), second
-    assert 0 < first["seconds"] + second["seconds"] < wall, summary["restarts"]
-    warned = [x for x in said if x.startswith("warning: policy rank 0 died after step 3")]
-    assert warned and "step_000002" in warned[0] and "automatic restart 1 of 2" in warned[0], said
-    assert any(x.startswith("warning: rollout rank 0 died after step 5") and "automatic restart 2 of 2" in x
-               for x in said), said
+    assert 0 < first["seconds"] < wall, summary["restarts"]
+    warned = [x for x in said if x.startswith(f"warning: {first['actor']} died after step 3")]
+    assert warned and "step_000002" in warned[0] and "automatic restart 1 of 1" in warned[0], said
     assert any(x.startswith("recovered in ") and "resumed at step 2, 1 step lost" in x for x in said), said
     metrics = lines(out)
-    assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4, 5, 6]  # each step once: the lost steps' lines were replaced
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4]  # each step once: the lost step's line was replaced
     for step, lost in killer.lines.items():
         again = metrics[step]
         assert again.keys() == lost.keys()

@@ -46,9 +46,9 @@ def reward_model(tmp_path_factory) -> Path:
 
 
 def ppo_overrides(rm: Path) -> list[str]:
-    """The demo's PPO, rewarded by a reward model (the demo's own function reward is trained through the CLI in
-    tests/e2e), checkpointed at step 15."""
-    return ["reward.function=null", f"reward.model_name_or_path={rm}", "schedule.save_every=15"]
+    """The demo's PPO for 20 steps, rewarded by a reward model (the demo's own function reward is trained through
+    the CLI in tests/e2e), checkpointed at step 10."""
+    return ["reward.function=null", f"reward.model_name_or_path={rm}", "schedule.save_every=10", "schedule.num_steps=20"]
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +59,9 @@ def ppo_run(tiny_model_dir, reward_model, tmp_path_factory):
 
 def test_ppo_raises_a_reward_model(ppo_run):
     out, s = ppo_run
-    assert s["steps"] == 30
+    assert s["steps"] == 20
     assert s["eval_after"] > s["eval_before"] + 0.05, s
-    assert rises(rewards(out), 10, 0.03), rewards(out)
+    assert rises(rewards(out), 5, 0.03), rewards(out)
     assert (out / "reward_curve.png").stat().st_size > 1000 and (out / "policy" / "model.safetensors").is_file()
     last = metrics(out)[-1]
     for key in ("kl/ref_per_token", "actor/entropy", "actor/clipfrac", "actor/approx_kl", "actor/pg_loss", "critic/loss",
@@ -73,18 +73,18 @@ def test_ppo_raises_a_reward_model(ppo_run):
 
 
 def test_resume_continues_exactly(ppo_run, tiny_model_dir, reward_model):
-    """Rewind the finished run to its step-15 checkpoint, resume, and get the same steps 16-30 and weights; the
-    metrics the crashed run wrote after step 15 are replaced, not duplicated."""
+    """Rewind the finished run to its step-10 checkpoint, resume, and get the same steps 11-20 and weights; the
+    metrics the crashed run wrote after step 10 are replaced, not duplicated."""
     full, _ = ppo_run
     cut = full.parent / "resumed"
     shutil.copytree(full, cut)
-    shutil.rmtree(cut / "checkpoints" / "step_000030")
+    shutil.rmtree(cut / "checkpoints" / "step_000020")
     shutil.rmtree(cut / "policy")
-    (cut / "checkpoints" / "latest").write_text("step_000015")  # as if it crashed after step 30's metrics, before its checkpoint
+    (cut / "checkpoints" / "latest").write_text("step_000010")  # as if it crashed after step 20's metrics, before its checkpoint
     run_method(config("ppo_demo.yaml", tiny_model_dir, cut, *ppo_overrides(reward_model)), resume=True)
-    state_full = torch.load(full / "checkpoints" / "step_000030" / "driver_state.pt", weights_only=True)
-    state_cut = torch.load(cut / "checkpoints" / "step_000030" / "driver_state.pt", weights_only=True)
-    assert state_cut["step"] == state_full["step"] == 30
+    state_full = torch.load(full / "checkpoints" / "step_000020" / "driver_state.pt", weights_only=True)
+    state_cut = torch.load(cut / "checkpoints" / "step_000020" / "driver_state.pt", weights_only=True)
+    assert state_cut["step"] == state_full["step"] == 20
     assert state_cut["sampler"] == state_full["sampler"]  # same data position
     a, b = metrics(full), metrics(cut)
     assert [m["step"] for m in b] == [m["step"] for m in a]
@@ -103,7 +103,7 @@ def test_critic_free_rl_raises_reward_without_a_critic(tiny_model_dir, tmp_path,
     """RLOO runs one step off-policy: each step trains on samples drawn during the previous step's update, by weights
     one version older, corrected by truncated importance weights. (GRPO raises a reward in the verifiable-reward,
     reward-hacking, monitor-stop and recovery tests.)"""
-    s = run_method(config(f"{estimator}.yaml", tiny_model_dir, tmp_path, "schedule.num_steps=25", "schedule.save_every=0",
+    s = run_method(config(f"{estimator}.yaml", tiny_model_dir, tmp_path, "schedule.num_steps=16", "schedule.save_every=0",
                           f"algorithm.off_policy_steps={off_policy}"))
     actors = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("actors ready"))
     assert "critic" not in actors and "policy×1" in actors, actors
@@ -111,12 +111,12 @@ def test_critic_free_rl_raises_reward_without_a_critic(tiny_model_dir, tmp_path,
     assert rises(rewards(tmp_path), 5, 0.05), rewards(tmp_path)
     if off_policy:
         steps = [m for m in metrics(tmp_path) if "rollout/staleness" in m]
-        assert [m["rollout/staleness"] for m in steps] == [0.0] + [1.0] * 24  # the first step has nothing generated ahead
+        assert [m["rollout/staleness"] for m in steps] == [0.0] + [1.0] * 15  # the first step has nothing generated ahead
         assert all(0 < m["rollout/tis_weight_mean"] <= 2.0 for m in steps)
 
 
 def test_online_dpo_raises_reward(tiny_model_dir, tmp_path, capsys):
-    s = run_method(config("online_dpo.yaml", tiny_model_dir, tmp_path, "schedule.num_steps=25"))
+    s = run_method(config("online_dpo.yaml", tiny_model_dir, tmp_path, "schedule.num_steps=16"))
     actors = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("actors ready"))
     assert "critic" not in actors and "rollout×1" in actors and "reference×1" in actors, actors
     assert s["eval_after"] > s["eval_before"] + 0.1, s
@@ -236,24 +236,24 @@ def test_sigterm_checkpoints_between_steps_and_resume_matches_the_uninterrupted_
     out = tmp_path / "run"
     cli = [str(Path(sys.executable).parent / "rlhf-cluster"), "train", "configs/ppo_demo.yaml", "cluster.backend=local",
            f"policy.model_name_or_path={tiny_model_dir}", f"output_dir={out}", *ppo_overrides(reward_model),
-           "schedule.num_steps=12"]  # the full run's first 12 steps
+           "schedule.num_steps=8"]  # the full run's first 8 steps
     proc = subprocess.Popen(cli, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 6:
+        if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 4:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 143, (stdout[-2000:], stderr[-3000:])
     step = int(re.search(r"stopped on SIGTERM at step (\d+)", stderr).group(1))
-    assert 5 <= step < 12 and f"checkpoint: {out / 'checkpoints' / f'step_{step:06d}'}" in stderr, stderr
+    assert 3 <= step < 8 and f"checkpoint: {out / 'checkpoints' / f'step_{step:06d}'}" in stderr, stderr
     assert "resume with: rlhf-cluster train configs/ppo_demo.yaml" in stderr and stderr.rstrip().endswith("--resume")
     said = []  # the resume runs here, in-process (the printed command was checked above)
-    run_method(config("ppo_demo.yaml", tiny_model_dir, out, *ppo_overrides(reward_model), "schedule.num_steps=12"),
+    run_method(config("ppo_demo.yaml", tiny_model_dir, out, *ppo_overrides(reward_model), "schedule.num_steps=8"),
                resume=True, log=said.append)
     assert f"resumed from {out / 'checkpoints' / f'step_{step:06d}'} at step {step}" in said
-    a, b = metrics(full)[:13], metrics(out)
+    a, b = metrics(full)[:9], metrics(out)
     assert [m["step"] for m in b] == [m["step"] for m in a]
     for ma, mb in zip(a, b):
         for k in ("reward/mean", "actor/pg_loss", "critic/loss"):
