@@ -165,7 +165,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    code = _main(list(sys.argv[1:] if argv is None else argv))
+    if argv is None:  # the console script: its results are out, so Ray's stop is left to the watcher of an embedded Ray
+        from rlhf_cluster.cluster import reaper
+
+        reaper.exit_now(code)
+    return code
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] not in COMMANDS:
         _parser().parse_args(argv)  # prints usage (and the unknown command) and exits
         return 2
