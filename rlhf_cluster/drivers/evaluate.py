@@ -47,7 +47,7 @@ from rlhf_cluster.experience import Experience, build_experience
 from rlhf_cluster.models import load_tokenizer
 from rlhf_cluster.quality.data_report import REFUSAL_PATTERNS, compile_patterns, matches
 from rlhf_cluster.quality.evaluation import AGREEMENT_PATTERNS, distinct, format_eval_markdown, self_similarity, win_rate
-from rlhf_cluster.quality.judge import JudgeConfig, judge_pairwise
+from rlhf_cluster.quality.judge import JudgeConfig, conversation_answer, conversation_request, judge_pairwise
 from rlhf_cluster.quality.prompt_files import EvalPrompt, load_eval_prompts
 from rlhf_cluster.workers.reward_sources import RewardInputs
 
@@ -168,6 +168,35 @@ def tokenize_prompts(path: str, items: list[EvalPrompt], tokenizer, data, shippe
     return PromptSet(path, items, examples, report, shipped)
 
 
+TURN2_STREAMS = {"policy": 9, "reference": 10}  # the second turns' seed streams (stream_seed)
+
+
+def second_turns(ins: EvalInputs) -> list[int]:
+    """The indices of the prompts asked a second turn (those with two or more ``turns``, when prompts go through the
+    chat template: a conversation has no form without it)."""
+    if not ins.cfg.data.apply_chat_template:
+        return []
+    return [i for i, p in enumerate(ins.prompts.items) if len(p.turns) > 1]
+
+
+def second_turn_examples(ins: EvalInputs, first: list[str]) -> tuple[list[PromptExample], int]:
+    """The second-turn prompts of :func:`second_turns`, each one model's conversation so far: the first turn (or
+    the file's messages), that model's own first answer (``first[i]``), then turn 2; tokenized like the first turns.
+    One longer than data.max_prompt_length keeps its end whatever data.truncation says (the answers it holds are not
+    known before the actors start). Returns the examples and how many were cut."""
+    idx = second_turns(ins)
+    rows = []
+    for i in idx:
+        p = ins.prompts.items[i]
+        head = p.messages or [{"role": "user", "content": p.prompt}]
+        rows.append({"prompt": [*head, {"role": "assistant", "content": first[i]}, {"role": "user", "content": p.turns[1]}]})
+    d = ins.cfg.data
+    examples, report = build_prompt_examples(
+        Rows(rows, source=f"{ins.prompts.path} (turn 2)", numbers=[ins.prompts.items[i].row for i in idx]), ins.tokenizer,
+        prompt_key="prompt", apply_chat_template=True, max_prompt_length=d.max_prompt_length, truncation="truncate")
+    return examples, report.prompts_truncated
+
+
 def prepare_eval(cfg: RunConfig, opts: EvalOptions, log=print) -> EvalInputs:
     """Every input read and checked, nothing started: the model directories and their tokenizers, the prompt files
     (parsed and tokenized), the reward source (a function is imported and tried once, as ``train`` does), the pattern
@@ -202,7 +231,10 @@ def prepare_eval(cfg: RunConfig, opts: EvalOptions, log=print) -> EvalInputs:
     if opts.max_prompts is not None:
         items = items[: opts.max_prompts]
     if any(len(p.turns) > 1 for p in items):
-        notes.append(f"{path}: multi-turn prompts are asked their first turn only")
+        notes.append(f"{path}: {sum(len(p.turns) > 1 for p in items)} multi-turn prompts: the reward, KL and probes "
+                     "read the first turn's answers; turn 2 is asked after each model's own first answer and the "
+                     "judge sees both turns" + (" (turns after the second are not asked)" if any(len(p.turns) > 2 for p in items)
+                                                else ""))
     prompts = tokenize_prompts(path, items, tokenizer, d)
     log(prompts.report.summary())
 
@@ -520,7 +552,18 @@ def run_eval(cfg: RunConfig, opts: EvalOptions, log=print) -> dict:
                     asked[model, name] = submit_generate(g[f"{model}_engine"], ins.probes[name].examples, 1,
                                                          seed_of(3 + 2 * k + j), sampling)
             answers = {key: collect(p, ins.samples if key[1] == "prompts" else 1, tok) for key, p in asked.items()}
-        log(f"generated {sum(len(a.texts) for a in answers.values())} answers in {time.perf_counter() - t:.1f} s")
+            turn2: dict[str, list[str]] = {}
+            cut = 0  # second-turn conversations cut to data.max_prompt_length, both models
+            if second_turns(ins):  # each model goes on from its own first answer (MT-Bench's turn 2)
+                asked2 = {}
+                for model in ("policy", "reference"):
+                    a = answers[model, "prompts"]
+                    examples, n_cut = second_turn_examples(ins, [x[0] for x in a.per_prompt(a.texts)])
+                    cut += n_cut
+                    asked2[model] = submit_generate(g[f"{model}_engine"], examples, 1, seed_of(TURN2_STREAMS[model]), sampling)
+                turn2 = {model: collect(p, 1, tok).texts for model, p in asked2.items()}
+        log(f"generated {sum(len(a.texts) for a in answers.values()) + sum(map(len, turn2.values()))} answers in "
+            f"{time.perf_counter() - t:.1f} s")
 
         # score: rewards, log-probs and entropy under both models, pairs and capability, all roles at once
         t = time.perf_counter()
@@ -549,8 +592,16 @@ def run_eval(cfg: RunConfig, opts: EvalOptions, log=print) -> dict:
 
     result = eval_result(ins, answers, scores, exp_pol.action_mask, exp_ref.action_mask,
                          pair_seqs, cap.action_mask if cap is not None else None)
+    if turn2:
+        for k, i in enumerate(second_turns(ins)):
+            result["rows"][i]["turn2"] = {"prompt": ins.prompts.items[i].turns[1], "policy": turn2["policy"][k],
+                                          "reference": turn2["reference"][k]}
+        result["second_turn"] = {"n": len(turn2["policy"]), "cut_to_max_prompt_length": cut}
+        if cut:
+            result["notes"].append(f"{cut} of the {2 * len(turn2['policy'])} second-turn conversations (both models) were "
+                                   f"longer than data.max_prompt_length={cfg.data.max_prompt_length} and kept their end")
     if ins.judge is not None:
-        result["judge"] = run_judge(ins, pol, ref, log)
+        result["judge"] = run_judge(ins, pol, ref, log, turn2)
     result["paths"] = write_eval(result, ins.out)
     return result
 
@@ -621,22 +672,34 @@ def eval_result(ins: EvalInputs, answers: dict, scores: dict, mask_pol: torch.Te
     return res
 
 
-def run_judge(ins: EvalInputs, pol: Answers, ref: Answers, log=print) -> dict:
-    """The LLM judge on each prompt's first answers, both orders; ``judge.jsonl`` gets a line per prompt as it
-    finishes (its verdicts, the judge's texts and both answers)."""
+def run_judge(ins: EvalInputs, pol: Answers, ref: Answers, log=print, turn2: dict[str, list[str]] | None = None) -> dict:
+    """The LLM judge on each prompt's first answers, both orders; a prompt asked a second turn is judged on both
+    turns (each model's whole side of the conversation). ``judge.jsonl`` gets a line per prompt as it finishes (its
+    verdicts, the judge's texts and the answers)."""
     path = ins.out / "judge.jsonl"
     first_pol, first_ref = [a[0] for a in pol.per_prompt(pol.texts)], [a[0] for a in ref.per_prompt(ref.texts)]
+    requests = [p.prompt for p in ins.prompts.items]
+    shown_pol, shown_ref = list(first_pol), list(first_ref)
+    second = {i: k for k, i in enumerate(second_turns(ins))} if turn2 else {}
+    for i, k in second.items():
+        turns = ins.prompts.items[i].turns[:2]
+        requests[i] = conversation_request(turns)
+        shown_pol[i] = conversation_answer(turns, [first_pol[i], turn2["policy"][k]])
+        shown_ref[i] = conversation_answer(turns, [first_ref[i], turn2["reference"][k]])
     t = time.perf_counter()
     with open(path, "w") as f:
         def record(rec) -> None:
-            f.write(json.dumps({**rec.as_dict(), "policy": first_pol[rec.index], "reference": first_ref[rec.index]},
+            extra = ({"policy_turn2": turn2["policy"][second[rec.index]], "reference_turn2": turn2["reference"][second[rec.index]]}
+                     if rec.index in second else {})
+            f.write(json.dumps({**rec.as_dict(), "policy": first_pol[rec.index], "reference": first_ref[rec.index], **extra},
                                default=str) + "\n")
             f.flush()
 
-        result = judge_pairwise([p.prompt for p in ins.prompts.items], first_pol, first_ref, ins.judge, on_verdict=record,
+        result = judge_pairwise(requests, shown_pol, shown_ref, ins.judge, on_verdict=record,
                                 ids=[p.id for p in ins.prompts.items])
-    log(f"judged {len(result.records)} prompts in {time.perf_counter() - t:.1f} s")
-    return {**result.summary(), "file": str(path)}
+    log(f"judged {len(result.records)} prompts in {time.perf_counter() - t:.1f} s"
+        + (f" ({len(second)} on both turns)" if second else ""))
+    return {**result.summary(), "file": str(path), **({"two_turn_prompts": len(second)} if second else {})}
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -128,6 +128,18 @@ def judge_messages(question: str, answer_a: str, answer_b: str) -> list[dict]:
             {"role": "user", "content": USER_TEMPLATE.format(question=question, answer_a=answer_a, answer_b=answer_b)}]
 
 
+def conversation_request(turns: Sequence[str]) -> str:
+    """A multi-turn prompt (MT-Bench's ``turns``) as the judge's request: every user turn, numbered."""
+    return (f"(A conversation of {len(turns)} user turns. Each assistant's whole side of it is shown; judge the "
+            f"conversation, the reply to the last turn above all.)\n"
+            + "\n".join(f"[turn {k + 1}] {t}" for k, t in enumerate(turns)))
+
+
+def conversation_answer(turns: Sequence[str], replies: Sequence[str]) -> str:
+    """One assistant's side of a multi-turn exchange as one answer for the judge: each turn, then its reply."""
+    return "\n\n".join(f"[turn {k + 1}] user: {t}\nassistant: {a}" for k, (t, a) in enumerate(zip(turns, replies)))
+
+
 def parse_verdict(text: str) -> str:
     """"A", "B" or "C" (tie): the last ``[[A]]``/``[[B]]``/``[[C]]`` in the judge's text; "invalid" when none."""
     found = _VERDICT.findall(text or "")

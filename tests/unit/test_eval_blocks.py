@@ -23,6 +23,8 @@ from rlhf_cluster.quality.evaluation import (
 from rlhf_cluster.quality.judge import (
     JudgeConfig,
     JudgeError,
+    conversation_answer,
+    conversation_request,
     judge_messages,
     judge_pairwise,
     parse_verdict,
@@ -389,3 +391,11 @@ def test_markdown_leaves_out_absent_sections():
     assert md.startswith("# Eval: p\n") and "| distinct-2 | 0.500 |" in md
     for title in ("## Win rate", "## LLM judge", "## Refusals", "## Sycophancy", "## Samples"):
         assert title not in md
+
+
+def test_a_two_turn_conversation_as_the_judge_sees_it():
+    turns = ["Write a line about rain.", "Now make it sad."]
+    assert conversation_request(turns).endswith("\n[turn 1] Write a line about rain.\n[turn 2] Now make it sad.")
+    assert conversation_request(turns).startswith("(A conversation of 2 user turns.")
+    assert conversation_answer(turns, ["Rain taps.", "Rain weeps."]) == (
+        "[turn 1] user: Write a line about rain.\nassistant: Rain taps.\n\n[turn 2] user: Now make it sad.\nassistant: Rain weeps.")

@@ -100,7 +100,7 @@ def test_prepare_reads_any_prompt_format_and_the_shipped_probes(demo_cfg, tiny_m
                       log=lambda *_: None)
     assert [p.id for p in ins.prompts.items] == [81, 82] and ins.reference == str(tiny_model_dir)
     assert "Write a line about rain." in ins.prompts.examples[0].prompt_text and ins.prompts.examples[0].prompt_ids
-    assert any("first turn only" in n for n in ins.notes)
+    assert any("1 multi-turn prompts" in n and "turn 2 is asked" in n for n in ins.notes)
     assert {k: len(v.items) for k, v in ins.probes.items()} == {"benign": 16, "harmful": 16, "sycophancy": 16}
     assert all(v.shipped for v in ins.probes.values()) and (tmp_path / "out").is_dir()
     assert ins.seed == 0 and ins.beta == 0.1 and ins.pairs is None
