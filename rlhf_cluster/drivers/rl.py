@@ -370,7 +370,9 @@ def load_probes(cfg: RunConfig, tokenizer, log=print) -> dict[str, list]:
     out = {}
     for name, given in (("benign", mc.benign_prompts), ("sycophancy", mc.sycophancy_prompts)):
         path = given or str(SHIPPED_PROBES[name])
-        probe = tokenize_prompts(path, load_eval_prompts(path), tokenizer, cfg.data, shipped=given is None)
+        # a shipped set is cut to data.max_prompt_length whatever data.truncation says: the user never chose it
+        data = cfg.data if given is not None else cfg.data.model_copy(update={"truncation": "truncate"})
+        probe = tokenize_prompts(path, load_eval_prompts(path), tokenizer, data, shipped=given is None)
         if given is not None:
             log(probe.report.summary())
         out[name] = probe.examples
