@@ -117,7 +117,7 @@ class RayHead:
                 os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=10)
+        _, alive = psutil.wait_procs(procs, timeout=3)  # a test cluster: nothing to save, so no long grace
         for p in alive:
             try:
                 p.kill()
