@@ -304,7 +304,7 @@ def _train(args) -> int:
 
 def _check_reachable(cfg) -> None:
     """A cluster address that cannot work is said in the first second, not after the data is read and tokenized."""
-    if cfg.cluster.backend == "ray" and cfg.cluster.address not in (None, "local", "auto"):
+    if cfg.cluster.backend == "ray":
         from rlhf_cluster.cluster.connect import check_reachable
 
         check_reachable(cfg.cluster.address, cfg.cluster.connect_timeout_s)

@@ -121,6 +121,7 @@ class EvalInputs:
     judge: JudgeConfig | None
     self_check: bool
     notes: list[str] = field(default_factory=list)
+    second_turns: list[int] = field(default_factory=list)  # the prompts asked their second turn (their indices)
 
     @property
     def with_reward(self) -> bool:
@@ -171,20 +172,12 @@ def tokenize_prompts(path: str, items: list[EvalPrompt], tokenizer, data, shippe
 TURN2_STREAMS = {"policy": 9, "reference": 10}  # the second turns' seed streams (stream_seed)
 
 
-def second_turns(ins: EvalInputs) -> list[int]:
-    """The indices of the prompts asked a second turn (those with two or more ``turns``, when prompts go through the
-    chat template: a conversation has no form without it)."""
-    if not ins.cfg.data.apply_chat_template:
-        return []
-    return [i for i, p in enumerate(ins.prompts.items) if len(p.turns) > 1]
-
-
 def second_turn_examples(ins: EvalInputs, first: list[str]) -> tuple[list[PromptExample], int]:
-    """The second-turn prompts of :func:`second_turns`, each one model's conversation so far: the first turn (or
+    """The prompts of ``ins.second_turns`` as one model's conversation so far: the first turn (or
     the file's messages), that model's own first answer (``first[i]``), then turn 2; tokenized like the first turns.
     One longer than data.max_prompt_length keeps its end whatever data.truncation says (the answers it holds are not
     known before the actors start). Returns the examples and how many were cut."""
-    idx = second_turns(ins)
+    idx = ins.second_turns
     rows = []
     for i in idx:
         p = ins.prompts.items[i]
@@ -230,11 +223,14 @@ def prepare_eval(cfg: RunConfig, opts: EvalOptions, log=print) -> EvalInputs:
     items = load_eval_prompts(path, prompt_key=key)
     if opts.max_prompts is not None:
         items = items[: opts.max_prompts]
-    if any(len(p.turns) > 1 for p in items):
-        notes.append(f"{path}: {sum(len(p.turns) > 1 for p in items)} multi-turn prompts: the reward, KL and probes "
-                     "read the first turn's answers; turn 2 is asked after each model's own first answer and the "
-                     "judge sees both turns" + (" (turns after the second are not asked)" if any(len(p.turns) > 2 for p in items)
-                                                else ""))
+    # a second turn is asked after each model's own first answer, through the chat template (no conversation without it)
+    multi = [i for i, p in enumerate(items) if len(p.turns) > 1]
+    second_turns = multi if d.apply_chat_template else []
+    if multi:
+        notes.append(f"{path}: {len(multi)} multi-turn prompts: the reward, KL and probes read the first turn's answers; "
+                     + ("turn 2 is asked after each model's own first answer and the judge sees both turns"
+                        + (" (turns after the second are not asked)" if any(len(items[i].turns) > 2 for i in multi) else "")
+                        if second_turns else "only the first turn is asked (data.apply_chat_template is false)"))
     prompts = tokenize_prompts(path, items, tokenizer, d)
     log(prompts.report.summary())
 
@@ -284,7 +280,8 @@ def prepare_eval(cfg: RunConfig, opts: EvalOptions, log=print) -> EvalInputs:
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot create it ({e.strerror or e})") from None
     return EvalInputs(cfg, policy, reference, out, cfg.seed if opts.seed is None else opts.seed, opts.samples, tokenizer,
-                      prompts, probes, pairs, capability, beta, refusal, agreement, judge, opts.self_check, notes)
+                      prompts, probes, pairs, capability, beta, refusal, agreement, judge, opts.self_check, notes,
+                      second_turns)
 
 
 def _judge_config(opts: EvalOptions) -> JudgeConfig | None:
@@ -554,7 +551,7 @@ def run_eval(cfg: RunConfig, opts: EvalOptions, log=print) -> dict:
             answers = {key: collect(p, ins.samples if key[1] == "prompts" else 1, tok) for key, p in asked.items()}
             turn2: dict[str, list[str]] = {}
             cut = 0  # second-turn conversations cut to data.max_prompt_length, both models
-            if second_turns(ins):  # each model goes on from its own first answer (MT-Bench's turn 2)
+            if ins.second_turns:  # each model goes on from its own first answer (MT-Bench's turn 2)
                 asked2 = {}
                 for model in ("policy", "reference"):
                     a = answers[model, "prompts"]
@@ -593,7 +590,7 @@ def run_eval(cfg: RunConfig, opts: EvalOptions, log=print) -> dict:
     result = eval_result(ins, answers, scores, exp_pol.action_mask, exp_ref.action_mask,
                          pair_seqs, cap.action_mask if cap is not None else None)
     if turn2:
-        for k, i in enumerate(second_turns(ins)):
+        for k, i in enumerate(ins.second_turns):
             result["rows"][i]["turn2"] = {"prompt": ins.prompts.items[i].turns[1], "policy": turn2["policy"][k],
                                           "reference": turn2["reference"][k]}
         result["second_turn"] = {"n": len(turn2["policy"]), "cut_to_max_prompt_length": cut}
@@ -680,7 +677,7 @@ def run_judge(ins: EvalInputs, pol: Answers, ref: Answers, log=print, turn2: dic
     first_pol, first_ref = [a[0] for a in pol.per_prompt(pol.texts)], [a[0] for a in ref.per_prompt(ref.texts)]
     requests = [p.prompt for p in ins.prompts.items]
     shown_pol, shown_ref = list(first_pol), list(first_ref)
-    second = {i: k for k, i in enumerate(second_turns(ins))} if turn2 else {}
+    second = {i: k for k, i in enumerate(ins.second_turns)} if turn2 else {}
     for i, k in second.items():
         turns = ins.prompts.items[i].turns[:2]
         requests[i] = conversation_request(turns)

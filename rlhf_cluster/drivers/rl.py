@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -96,10 +96,7 @@ class RLRun:
         self.reward_needs_text = cfg.reward.kind != "model"
         mc = cfg.monitors
         self.firing: set[str] = set()
-        self.monitors = Monitors(MonitorConfig(warmup=mc.warmup, collapse_fraction=mc.collapse_fraction,
-                                               max_kl_per_token=mc.max_kl_per_token, max_length_corr=mc.max_length_corr,
-                                               length_growth=mc.length_growth, hacking_rise=mc.hacking_rise,
-                                               refusal_rise=mc.refusal_rise, agreement_rise=mc.agreement_rise))
+        self.monitors = Monitors(MonitorConfig(**{f.name: getattr(mc, f.name) for f in fields(MonitorConfig)}))
         self.gold = FunctionReward(mc.gold_function, cfg.reward.code_dir) if mc.gold_function else None
         self.bad_steps = BadSteps(cfg.fault_tolerance.max_bad_steps, log)
 
@@ -220,8 +217,7 @@ class RLRun:
                 p.get()
             commit_checkpoint(tmp, final, {"step": self.step, "sampler": self.sampler.state_dict(), **self.step_fn.state_dict(),
                                            "rng": rng_state(), "weights_version": self.weights_version,
-                                           "monitor_start": self.monitors.start,
-                                           "monitor_eval_start": self.monitors.eval_start},
+                                           "monitors": self.monitors.state_dict()},
                               checksums=s.checkpoint_checksums)
         except (OSError, ActorFailure) as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -248,8 +244,8 @@ class RLRun:
         self.step_fn.load_state_dict(state)
         set_rng_state(state["rng"])
         self.weights_version = state["weights_version"]
-        self.monitors.load_state_dict({"start": state.get("monitor_start", []),  # the baselines the monitors compare with
-                                       "eval_start": state.get("monitor_eval_start", {})})
+        # the baselines the monitors compare with (a checkpoint of an older version kept the steps' only)
+        self.monitors.load_state_dict(state.get("monitors", {"start": state.get("monitor_start", [])}))
         self.sync_weights()  # the engines start from the base model; give them the resumed policy
 
     # ------------------------------------------------------------------ the loop
