@@ -203,18 +203,23 @@ def _main(argv: list[str]) -> int:
         return 2
 
 
-def _user_error(e: Exception) -> bool:
-    from rlhf_cluster.cluster.connect import ConnectError
-    from rlhf_cluster.cluster.groups import ActorFailure
-    from rlhf_cluster.data import DataError
-    from rlhf_cluster.drivers.common import BadStepsError, CheckpointError, RunLockError
-    from rlhf_cluster.drivers.rl import MonitorStop
-    from rlhf_cluster.jobs import JobError
-    from rlhf_cluster.workers.reward_sources import RewardError
-    from rlhf_cluster.workers.trainer import UnsafeCheckpointError
+# The errors a user can fix, said in one line (anything else is a bug: its traceback is shown). Looked up by name in
+# the modules already loaded: an exception of one of these classes exists only if its module was imported, and
+# importing them all here (the trainer, the drivers: torch, DeepSpeed) would add seconds to every failed command.
+USER_ERRORS = (
+    ("rlhf_cluster.config", "ConfigError"), ("rlhf_cluster.data", "DataError"),
+    ("rlhf_cluster.cluster.groups", "ActorFailure"), ("rlhf_cluster.cluster.connect", "ConnectError"),
+    ("rlhf_cluster.jobs", "JobError"), ("rlhf_cluster.drivers.common", "CheckpointError"),
+    ("rlhf_cluster.drivers.common", "RunLockError"), ("rlhf_cluster.drivers.common", "BadStepsError"),
+    ("rlhf_cluster.drivers.rl", "MonitorStop"), ("rlhf_cluster.workers.reward_sources", "RewardError"),
+    ("rlhf_cluster.workers.trainer", "UnsafeCheckpointError"),
+)
 
-    return isinstance(e, (ConfigError, DataError, ActorFailure, ConnectError, JobError, FileNotFoundError, CheckpointError,
-                          RunLockError, RewardError, UnsafeCheckpointError, MonitorStop, BadStepsError))
+
+def _user_error(e: Exception) -> bool:
+    if isinstance(e, FileNotFoundError):
+        return True
+    return any(isinstance(e, getattr(sys.modules[mod], name)) for mod, name in USER_ERRORS if mod in sys.modules)
 
 
 def _run(args) -> int:

@@ -219,3 +219,16 @@ def test_phase_timeouts_take_the_phases_the_drivers_name(tiny_model_dir):
     assert g.timeout_setting("policy update") == "cluster.call_timeout_s"
     with pytest.raises(ConfigError, match=r"phase_timeouts_s"):
         load_config(REPO / "configs" / "grpo.yaml", [*base, "cluster.phase_timeouts_s={generation: 600}"])
+
+
+def test_the_cli_says_each_user_error_in_one_line_and_shows_a_bugs_traceback():
+    """Every class the CLI treats as the user's to fix exists where it is looked up (by name, without importing)."""
+    import importlib
+
+    from rlhf_cluster import cli
+
+    for mod, name in cli.USER_ERRORS:
+        assert issubclass(getattr(importlib.import_module(mod), name), Exception), (mod, name)
+    assert cli._user_error(ConfigError("x")) and cli._user_error(FileNotFoundError("x"))
+    assert cli._user_error(ActorFailure("policy rank 0 died")) and cli._user_error(BadStepsError("x"))
+    assert not cli._user_error(ValueError("a bug")) and not cli._user_error(KeyError("a bug"))
