@@ -159,11 +159,16 @@ class _DeepSpeedTrainer:
             zero_stage=zero_stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
             micro_batch_size=micro_batch_size, mini_batch_size=mini_batch_size, world_size=world_size,
             max_grad_norm=max_grad_norm, dtype=self.dtype)
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
         if zero_stage == 3:
             # Lets from_pretrained partition weights as they load instead of materialising them on every rank.
-            from transformers.integrations import HfDeepSpeedConfig
-
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        else:
+            # transformers keeps the last HfDeepSpeedConfig process-wide: while a ZeRO-3 trainer built earlier in this
+            # process lives (one process, several trainers or stages), this model would otherwise load partitioned.
+            unset_hf_deepspeed_config()
         model = self._load_model(model_path, self.dtype)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -27,16 +27,27 @@ def _group(role, cls, n=1):
     return ActorGroup(RoleSpec(role, 1, n), cls, use_gpu=False, cpus_per_actor=0.01)
 
 
-def test_gloo_weight_sync_from_two_zero3_ranks_into_two_engines_is_exact(local_ray, tiny_model_dir):
+@pytest.fixture(scope="module")
+def two_ranks(local_ray):
+    """Two policy and two critic rank processes for the module: each test (re)initialises them with its own spec (a
+    trainer re-init in a live process joins its existing process group), so the suite starts four processes, not ten."""
+    groups = {"policy": _group("policy", PolicyActor, 2), "critic": _group("critic", CriticActor, 2)}
+    yield groups
+    for g in groups.values():
+        g.shutdown()
+
+
+def test_gloo_weight_sync_from_two_zero3_ranks_into_two_engines_is_exact(two_ranks, tiny_model_dir):
     """vLLM's weight-transfer protocol over our gloo backend: ZeRO-3 gathers on both ranks, one group, several buckets."""
-    policy, rollout = _group("policy", PolicyActor, 2), _group("rollout", RolloutActor, 2)
+    policy, rollout = two_ranks["policy"], _group("rollout", RolloutActor, 2)
     try:
-        policy.start_trainers(trainer_spec(tiny_model_dir, zero_stage=3)).get()
-        rollout.call(RolloutActor.init, EngineSpec(str(tiny_model_dir), max_model_len=64, weight_transfer="gloo")).get()
+        pending = [policy.start_trainers(trainer_spec(tiny_model_dir, zero_stage=3)),
+                   rollout.call(RolloutActor.init, EngineSpec(str(tiny_model_dir), max_model_len=64, weight_transfer="gloo"))]
+        for p in pending:
+            p.get()
         connect_weight_sync(policy, rollout, "gloo", tensor_parallel_size=1, bucket_bytes=1 << 20)
         assert_sync_exact(policy, rollout, "gloo")
     finally:
-        policy.shutdown()
         rollout.shutdown()
 
 
@@ -58,50 +69,52 @@ def _assert_same(a: dict, b: dict) -> None:
         assert torch.allclose(a["grads"][name], b["grads"][name], rtol=1e-4, atol=1e-6), name
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_data_parallel_ranks_match_one(local_ray, tiny_model_dir, zero_stage):
-    """The same PPO update (and, at ZeRO-2, a DPO update after it) on 1 rank and on 2: same loss, norm, gradients.
-    At ZeRO-3 the critic too, started beside the policy: its scalar head's weights are partitioned as well."""
+def _updates(policy, critic, zero_stage: int, model) -> tuple[list[dict], tuple[float, dict]]:
+    """The same PPO update (and a DPO update after it) of the policy, and a value update of the critic, at ``zero_stage``
+    on ``policy``'s and ``critic``'s ranks: the mean loss over ranks with rank 0's norm and gradients."""
     exp, pairs = random_batch(seed=1), _pairs()
     vexp = random_batch(seed=4)
     g = torch.Generator().manual_seed(5)
     vexp.values, vexp.returns = torch.randn(vexp.action_mask.shape, generator=g), torch.randn(vexp.action_mask.shape, generator=g)
-    results: dict[int, list[dict]] = {}
-    critic_results = {}
-    for ranks in (1, 2):
-        group = _group("policy", PolicyActor, ranks)
-        critic = _group("critic", CriticActor, ranks) if zero_stage == 3 else None
+    for pending in [policy.start_trainers(trainer_spec(model, zero_stage=zero_stage)),
+                    critic.start_trainers(trainer_spec(model, zero_stage=zero_stage))]:
+        pending.get()
+    ranks = len(policy)
+    old = policy.shard(PolicyActor.logprobs, exp).cat()
+    exp.old_logprobs = old + 0.05 * torch.randn(old.shape, generator=torch.Generator().manual_seed(2))  # ratios ≠ 1
+    updates = [policy.shard(PolicyActor.update, exp, objective="ppo", epochs=1, capture_grads=True, clip_eps_low=0.2,
+                            clip_eps_high=0.2, policy_loss="vanilla", policy_loss_params={}, loss_agg_mode="token_mean",
+                            entropy_coef=0.01).get(),
+               policy.shard(PolicyActor.update, pairs, objective="pairwise", epochs=1, capture_grads=True, loss="dpo",
+                            beta=0.1, loss_params={}).get()]
+    stats = critic.shard(CriticActor.update, vexp, objective="value", epochs=1, capture_grads=True, value_clip=0.2).get()
+    return ([{**u[0], "loss": sum(s["loss"] for s in u) / ranks} for u in updates],
+            (sum(s["loss"] for s in stats) / ranks, stats[0]["grads"]))
+
+
+def test_two_data_parallel_ranks_match_one(two_ranks, tiny_model_dir):
+    """ZeRO-2, then ZeRO-3 in the same two processes: the policy's PPO and DPO updates and the critic's value update on
+    two Ray ranks give one rank's loss, norm and gradients (one rank: this process, on one thread like an actor). At
+    ZeRO-3 the critic's scalar head is partitioned too."""
+    from rlhf_cluster.cluster.groups import LocalGroup
+
+    threads = torch.get_num_threads()
+    for zero_stage in (2, 3):
+        one = {r: LocalGroup(RoleSpec(r, 1, 1), cls) for r, cls in (("policy", PolicyActor), ("critic", CriticActor))}
+        torch.set_num_threads(1)
         try:
-            starting = [group.start_trainers(trainer_spec(tiny_model_dir, zero_stage=zero_stage))]
-            if critic is not None:
-                starting.append(critic.start_trainers(trainer_spec(tiny_model_dir, zero_stage=3)))
-            for pending in starting:
-                pending.get()
-            old = group.shard(PolicyActor.logprobs, exp).cat()
-            exp.old_logprobs = old + 0.05 * torch.randn(old.shape, generator=torch.Generator().manual_seed(2))  # ratios ≠ 1
-            updates = [group.shard(PolicyActor.update, exp, objective="ppo", epochs=1, capture_grads=True, clip_eps_low=0.2,
-                                   clip_eps_high=0.2, policy_loss="vanilla", policy_loss_params={},
-                                   loss_agg_mode="token_mean", entropy_coef=0.01).get()]
-            if zero_stage == 2:
-                updates.append(group.shard(PolicyActor.update, pairs, objective="pairwise", epochs=1, capture_grads=True,
-                                           loss="dpo", beta=0.1, loss_params={}).get())
-            results[ranks] = [{**u[0], "loss": sum(s["loss"] for s in u) / ranks} for u in updates]
-            if critic is not None:
-                stats = critic.shard(CriticActor.update, vexp, objective="value", epochs=1, capture_grads=True,
-                                     value_clip=0.2).get()
-                critic_results[ranks] = (sum(s["loss"] for s in stats) / ranks, stats[0]["grads"])
+            policy1, (loss1, grads1) = _updates(one["policy"], one["critic"], zero_stage, tiny_model_dir)
         finally:
-            group.shutdown()
-            if critic is not None:
-                critic.shutdown()
-    for one, two in zip(results[1], results[2]):
-        _assert_same(one, two)
-    if critic_results:
-        (loss1, grads1), (loss2, grads2) = critic_results[1], critic_results[2]
-        assert loss1 == pytest.approx(loss2, rel=1e-5)
+            torch.set_num_threads(threads)
+            for g in one.values():
+                g.shutdown()
+        policy2, (loss2, grads2) = _updates(two_ranks["policy"], two_ranks["critic"], zero_stage, tiny_model_dir)
+        for a, b in zip(policy1, policy2):
+            _assert_same(a, b)
+        assert loss1 == pytest.approx(loss2, rel=1e-5), zero_stage
         assert grads1["score.weight"].abs().sum() > 0
         for name in grads1:
-            assert torch.allclose(grads1[name], grads2[name], rtol=1e-4, atol=1e-6), name
+            assert torch.allclose(grads1[name], grads2[name], rtol=1e-4, atol=1e-6), (zero_stage, name)
 
 
 def test_actor_failure_names_role_and_rank(local_ray, tmp_path):

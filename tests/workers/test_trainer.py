@@ -93,3 +93,14 @@ def test_a_non_finite_gradient_skips_the_step(tiny_model_dir):
     assert out["skipped_steps"] == 1 and "the gradient norm is not finite" in out["skip_reason"]
     assert "grad_norm" not in out and torch.isfinite(torch.tensor(out["loss"]))
     assert torch.equal(t.logprobs(exp), before)
+
+
+def test_a_trainer_built_while_a_zero3_trainer_lives_loads_its_model_whole(tiny_model_dir):
+    """transformers keeps the last ZeRO-3 config process-wide; a ZeRO-2 trainer built after a ZeRO-3 one in the same
+    process (one process, several trainers or pipeline stages) must not load its model partitioned."""
+    z3 = _trainer_at(tiny_model_dir, 3)
+    assert all(hasattr(p, "ds_id") for p in z3.engine.module.parameters())  # partitioned as it loaded
+    z2 = _trainer_at(tiny_model_dir, 2)
+    assert not any(hasattr(p, "ds_id") for p in z2.engine.module.parameters())
+    assert all(p.numel() > 0 for p in z2.engine.module.parameters())
+    assert z2.logprobs(random_batch(seed=5)).shape == random_batch(seed=5).action_mask.shape
