@@ -34,10 +34,32 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
+# AutoTokenizer's own answer for a Llama-family directory whose tokenizer_config names the generic tokenizers-library
+# class (Llama 3 and its fine-tunes, the tiny models built here) is that class, TokenizersBackend. Reaching it through
+# AutoTokenizer imports transformers' model registry and generation code (~6 s on 2 cores, on the critical path of
+# every run's start), so such a directory loads it directly; anything else goes through AutoTokenizer.
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
-    tok = AutoTokenizer.from_pretrained(str(check_model_dir(path)))
+
+def _generic_llama_tokenizer(p: Path) -> bool:
+    import json
+
+    try:
+        tok_cfg = json.loads((p / "tokenizer_config.json").read_text())
+        model_type = json.loads((p / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return False
+    return (tok_cfg.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES and "auto_map" not in tok_cfg
+            and model_type == "llama" and (p / "tokenizer.json").is_file())
+
+
+def load_tokenizer(path: str | Path):
+    p = check_model_dir(path)
+    if _generic_llama_tokenizer(p):
+        from transformers import TokenizersBackend as Tokenizer
+    else:
+        from transformers import AutoTokenizer as Tokenizer
+    tok = Tokenizer.from_pretrained(str(p))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -1,5 +1,6 @@
 """The tiny-model factory writes ordinary HF directories that the real loaders accept."""
 
+import pytest
 import torch
 
 from rlhf_cluster.models import load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores, token_values
@@ -78,3 +79,23 @@ def test_padded_batch_forwards_equal_each_row_alone(tiny_model_dir, tmp_path):
             want_v = critic.score(h[0, len(p) - 1 : -1]).squeeze(-1)
             assert torch.allclose(values[i, : len(r)], want_v, atol=1e-5)
     assert torch.isfinite(ent).all()
+
+
+@pytest.mark.parametrize("hub_class", ["TokenizersBackend", "PreTrainedTokenizerFast"])
+def test_a_generic_llama_tokenizer_loads_as_autotokenizer_would(tiny_model_dir, tmp_path, hub_class):
+    """The direct load of a Llama directory's generic tokenizer gives AutoTokenizer's class, ids and chat prompt."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": hub_class}))
+    ours, auto = load_tokenizer(d), AutoTokenizer.from_pretrained(str(d))
+    assert type(ours) is type(auto)
+    chat = [{"role": "user", "content": "Describe a cat."}]
+    assert ours.apply_chat_template(chat, add_generation_prompt=True) == auto.apply_chat_template(chat, add_generation_prompt=True)
+    assert ours("a cat sat").input_ids == auto("a cat sat").input_ids
+    assert (ours.pad_token_id, ours.eos_token_id, ours.bos_token_id) == (auto.pad_token_id, auto.eos_token_id, auto.bos_token_id)
