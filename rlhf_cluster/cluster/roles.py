@@ -163,6 +163,8 @@ def init_roles(roles: Roles, cfg) -> None:
         if name in TRAINERS:
             section = cfg.critic if name == "critic" else cfg.policy
             pending.append(g.start_trainers(trainer_spec(section, cfg.algorithm.mini_batch_size, cfg.seed)))
+            if name == "policy" and roles.rollout is not None and roles.weight_sync != "object_store":
+                pending.append(g.call(PolicyActor.import_weight_transfer, what="init"))
         elif name == "reference":
             pending.append(g.call(ReferenceActor.init, scorer_spec(cfg.reference), what="init"))
         elif name == "reward":
