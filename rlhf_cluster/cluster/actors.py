@@ -12,13 +12,16 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-
-import torch
+from typing import TYPE_CHECKING
 
 from rlhf_cluster.cluster.specs import EngineSpec, RewardSpec, ScorerSpec, TrainerSpec
-from rlhf_cluster.experience import Experience
 from rlhf_cluster.logs import quiet_libraries
-from rlhf_cluster.workers.reward_sources import RewardInputs
+
+if TYPE_CHECKING:  # torch comes with the worker's init: a shell that is only placed (or pinged) stays light
+    import torch
+
+    from rlhf_cluster.experience import Experience
+    from rlhf_cluster.workers.reward_sources import RewardInputs
 
 
 class _Shell:
@@ -32,10 +35,8 @@ class _Shell:
             self.role = role
         self._spans: list[tuple[str, float, float]] = []
         quiet_libraries()
-        # Ray sets OMP_NUM_THREADS from the actor's CPU share; torch should follow it.
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        if threads > 0 and not torch.cuda.is_available():
-            torch.set_num_threads(threads)
+        # Ray sets OMP_NUM_THREADS from the actor's CPU share before the process starts; torch, first imported by the
+        # worker's init, takes its thread count from it.
 
     @contextmanager
     def _span(self, name: str):
@@ -67,6 +68,8 @@ class _Shell:
 
     def set_threads(self, n: int) -> None:
         """Run torch on ``n`` threads from the next call on (the driver's thread budget for the coming phase)."""
+        import torch
+
         if n != torch.get_num_threads():
             # torch._C's setter: vLLM's CPU worker replaces torch.set_num_threads with a no-op in its process,
             # which only matters where it pins OpenMP threads to cores (its multiprocess executor, not ours).
