@@ -59,12 +59,13 @@ def head():
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, head):
-    """A user's project: configs and data copied, a local reward module next to the config, a tiny model."""
+def project(tmp_path_factory, head, tiny_model_dir):
+    """A user's project: configs and data copied, a local reward module next to the config, a tiny model (the
+    session's, copied: `build-tiny` through the CLI is tests/e2e's)."""
     root = tmp_path_factory.mktemp("project")
     shutil.copytree(REPO / "configs", root / "configs")
     (root / "configs" / "my_reward.py").write_text(REWARD_MODULE)
-    subprocess.run([CLI, "build-tiny", "models/tiny"], cwd=root, check=True, capture_output=True, timeout=300)
+    shutil.copytree(tiny_model_dir, root / "models" / "tiny")
     home = root / "home"
     home.mkdir()
     return root, user_env(home, head.token)
