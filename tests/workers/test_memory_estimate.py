@@ -112,10 +112,7 @@ def model_dir(tmp_path_factory):
 @pytest.mark.parametrize("world", [1, 2])
 def test_model_states_match_the_engine(model_dir, tmp_path, world):
     out = str(tmp_path / "measured")
-    if world == 1:  # one rank: this process (its default group, if a test made one, is reused)
-        _measure(0, 1, _free_port(), str(model_dir), out)
-    else:
-        mp.spawn(_measure, args=(world, _free_port(), str(model_dir), out), nprocs=world)
+    mp.spawn(_measure, args=(world, _free_port(), str(model_dir), out), nprocs=world)
     numels = param_numels(ModelShape.from_dir(model_dir), "lm")
     rows = []
     for rank in range(world):
