@@ -93,6 +93,19 @@ def _skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def _restore_plain_linear() -> None:
+    """ZeRO-3's zero.Init replaces torch.nn.functional.linear process-wide with DeepSpeed's memory-saving version and
+    leaves it so ("this will persist unless manually reset"): every later forward in the process (other trainers,
+    the scorers and vLLM engine of the local backend, later pipeline stages) ran through it, 1.5-1.8x slower in the
+    test suite. The original goes back; ZeRO-3 gathers its parameters with its own module hooks and is correct on
+    the plain linear (zero.Init's mem_efficient_linear=False)."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as ZeroInit
+
+    original = getattr(ZeroInit, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
+
+
 def _forget_deepspeed_groups() -> None:
     """DeepSpeed caches its clone of the world group; after the default group was destroyed (in one process,
     a vLLM engine's shutdown does that) the cached one is dead and must not be reused."""
@@ -177,6 +190,8 @@ class _DeepSpeedTrainer:
         optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=tuple(adam_betas), weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=sched, config=self.ds_config)
+        if zero_stage == 3:
+            _restore_plain_linear()
         _uncount_state_materialising_step(self.engine)
         self.tokenizer = load_tokenizer(model_path) if rank == 0 else None
         self.update_count = 0

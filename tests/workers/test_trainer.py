@@ -98,8 +98,10 @@ def test_a_non_finite_gradient_skips_the_step(tiny_model_dir):
 def test_a_trainer_built_while_a_zero3_trainer_lives_loads_its_model_whole(tiny_model_dir):
     """transformers keeps the last ZeRO-3 config process-wide; a ZeRO-2 trainer built after a ZeRO-3 one in the same
     process (one process, several trainers or pipeline stages) must not load its model partitioned."""
+    linear = torch.nn.functional.linear
     z3 = _trainer_at(tiny_model_dir, 3)
     assert all(hasattr(p, "ds_id") for p in z3.engine.module.parameters())  # partitioned as it loaded
+    assert torch.nn.functional.linear is linear  # zero.Init's process-wide linear was put back
     z2 = _trainer_at(tiny_model_dir, 2)
     assert not any(hasattr(p, "ds_id") for p in z2.engine.module.parameters())
     assert all(p.numel() > 0 for p in z2.engine.module.parameters())
