@@ -39,7 +39,7 @@ def _texts(tok, n: int, rng: random.Random) -> list[str]:
     return out
 
 
-def build_sentiment_reward_model(out_dir: Path, steps: int = 300, seed: int = 0) -> Path:
+def build_sentiment_reward_model(out_dir: Path, steps: int = 150, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     path = build_tiny_model(out_dir, kind="scalar", seed=seed)

@@ -36,9 +36,12 @@ def metrics(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory) -> Path:
+def policy_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The session's tiny model, copied (`build-tiny` through the CLI is run by the README recipe's test below)."""
+    import shutil
+
     out = tmp_path_factory.mktemp("models") / "policy"
-    run_cli("build-tiny", str(out))
+    shutil.copytree(tiny_model_dir, out)
     return out
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_here import cli
 
 from rlhf_cluster.cluster.groups import ActorFailure, _died
 from rlhf_cluster.config import ConfigError
@@ -19,11 +18,6 @@ from rlhf_cluster.drivers.rl import Restarts
 from rlhf_cluster.stopping import STOP
 
 REPO = Path(__file__).resolve().parents[2]
-CLI = Path(sys.executable).parent / "rlhf-cluster"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(CLI), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def used(d: Path) -> Path:

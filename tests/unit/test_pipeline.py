@@ -82,9 +82,8 @@ def test_a_strict_data_report_stops_the_pipeline_before_the_first_stage_through_
     preference pairs whose chosen answer is always the longer one, with the eval file a copy of the training file)
     is one line naming the stage, the flags and the report, exit 2, and no stage has started."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
+
+    from cli_here import cli
 
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("".join(json.dumps({"prompt": f"question {i} about topic {i % 7}",
@@ -95,8 +94,7 @@ def test_a_strict_data_report_stops_the_pipeline_before_the_first_stage_through_
         {"name": "dpo", "config": os.path.abspath("configs/dpo.yaml"),
          "overrides": {"policy.model_name_or_path": str(tiny_model_dir), "data.train_path": str(prefs),
                        "data.eval_path": str(prefs)}}]}
-    cli = Path(sys.executable).parent / "rlhf-cluster"
-    p = subprocess.run([str(cli), "train", str(_write(tmp_path, tree))], capture_output=True, text=True, timeout=300)
+    p = cli("train", str(_write(tmp_path, tree)))
     assert p.returncode == 2, p.stderr[-2000:]
     report = out / "data_report" / "dpo" / "report.md"
     assert p.stderr.startswith(f"error: the data report flagged stage 'dpo' ({prefs}): ") and len(p.stderr.splitlines()) == 1

@@ -46,9 +46,9 @@ def reward_model(tmp_path_factory) -> Path:
 
 
 def ppo_overrides(rm: Path) -> list[str]:
-    """The demo's PPO for 20 steps, rewarded by a reward model (the demo's own function reward is trained through
-    the CLI in tests/e2e), checkpointed at step 10."""
-    return ["reward.function=null", f"reward.model_name_or_path={rm}", "schedule.save_every=10", "schedule.num_steps=20"]
+    """The demo's PPO for 12 steps, rewarded by a reward model (the demo's own function reward is trained through
+    the CLI in tests/e2e), checkpointed at step 6."""
+    return ["reward.function=null", f"reward.model_name_or_path={rm}", "schedule.save_every=6", "schedule.num_steps=12"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def ppo_run(tiny_model_dir, reward_model, tmp_path_factory):
 
 def test_ppo_raises_a_reward_model(ppo_run):
     out, s = ppo_run
-    assert s["steps"] == 20
+    assert s["steps"] == 12
     assert s["eval_after"] > s["eval_before"] + 0.05, s
     assert rises(rewards(out), 5, 0.03), rewards(out)
     assert (out / "reward_curve.png").stat().st_size > 1000 and (out / "policy" / "model.safetensors").is_file()
@@ -73,18 +73,18 @@ def test_ppo_raises_a_reward_model(ppo_run):
 
 
 def test_resume_continues_exactly(ppo_run, tiny_model_dir, reward_model):
-    """Rewind the finished run to its step-10 checkpoint, resume, and get the same steps 11-20 and weights; the
-    metrics the crashed run wrote after step 10 are replaced, not duplicated."""
+    """Rewind the finished run to its step-6 checkpoint, resume, and get the same steps 7-12 and weights; the
+    metrics the crashed run wrote after step 6 are replaced, not duplicated."""
     full, _ = ppo_run
     cut = full.parent / "resumed"
     shutil.copytree(full, cut)
-    shutil.rmtree(cut / "checkpoints" / "step_000020")
+    shutil.rmtree(cut / "checkpoints" / "step_000012")
     shutil.rmtree(cut / "policy")
-    (cut / "checkpoints" / "latest").write_text("step_000010")  # as if it crashed after step 20's metrics, before its checkpoint
+    (cut / "checkpoints" / "latest").write_text("step_000006")  # as if it crashed after step 12's metrics, before its checkpoint
     run_method(config("ppo_demo.yaml", tiny_model_dir, cut, *ppo_overrides(reward_model)), resume=True)
-    state_full = torch.load(full / "checkpoints" / "step_000020" / "driver_state.pt", weights_only=True)
-    state_cut = torch.load(cut / "checkpoints" / "step_000020" / "driver_state.pt", weights_only=True)
-    assert state_cut["step"] == state_full["step"] == 20
+    state_full = torch.load(full / "checkpoints" / "step_000012" / "driver_state.pt", weights_only=True)
+    state_cut = torch.load(cut / "checkpoints" / "step_000012" / "driver_state.pt", weights_only=True)
+    assert state_cut["step"] == state_full["step"] == 12
     assert state_cut["sampler"] == state_full["sampler"]  # same data position
     a, b = metrics(full), metrics(cut)
     assert [m["step"] for m in b] == [m["step"] for m in a]
@@ -225,31 +225,37 @@ def test_rl_with_a_reward_server_sends_each_row_its_dataset_fields(tiny_model_di
 def test_sigterm_checkpoints_between_steps_and_resume_matches_the_uninterrupted_run(ppo_run, tiny_model_dir, reward_model,
                                                                                      tmp_path):
     """SIGTERM (what schedulers and preemption send) mid-run: the step finishes, a checkpoint is written, exit 143
-    with the resume command; `--resume` then reproduces the uninterrupted run's metrics from there on."""
+    with the resume command; `--resume` then reproduces the uninterrupted run's metrics from there on. The CLI runs
+    in this process (`main` returns the status the console script exits with) and the signal is a real SIGTERM to it."""
+    import os
     import re
     import signal
-    import subprocess
-    import sys
-    import time
+    import threading
+
+    from cli_here import cli
 
     full, _ = ppo_run
     out = tmp_path / "run"
-    cli = [str(Path(sys.executable).parent / "rlhf-cluster"), "train", "configs/ppo_demo.yaml", "cluster.backend=local",
-           f"policy.model_name_or_path={tiny_model_dir}", f"output_dir={out}", *ppo_overrides(reward_model),
-           "schedule.num_steps=8"]  # the full run's first 8 steps
-    proc = subprocess.Popen(cli, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 143, (stdout[-2000:], stderr[-3000:])
+    done = threading.Event()
+
+    def terminate_after_three_steps():
+        while not done.wait(0.1):
+            if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=terminate_after_three_steps, daemon=True).start()
+    try:
+        p = cli("train", "configs/ppo_demo.yaml", "cluster.backend=local", f"policy.model_name_or_path={tiny_model_dir}",
+                f"output_dir={out}", *ppo_overrides(reward_model), "schedule.num_steps=8")  # the full run's first 8 steps
+    finally:
+        done.set()
+    stderr = p.stderr
+    assert p.returncode == 143, stderr[-3000:]
     step = int(re.search(r"stopped on SIGTERM at step (\d+)", stderr).group(1))
     assert 3 <= step < 8 and f"checkpoint: {out / 'checkpoints' / f'step_{step:06d}'}" in stderr, stderr
     assert "resume with: rlhf-cluster train configs/ppo_demo.yaml" in stderr and stderr.rstrip().endswith("--resume")
-    said = []  # the resume runs here, in-process (the printed command was checked above)
+    said = []  # the resume, through run_method (the printed command was checked above)
     run_method(config("ppo_demo.yaml", tiny_model_dir, out, *ppo_overrides(reward_model), "schedule.num_steps=8"),
                resume=True, log=said.append)
     assert f"resumed from {out / 'checkpoints' / f'step_{step:06d}'} at step {step}" in said
