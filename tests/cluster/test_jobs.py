@@ -39,6 +39,18 @@ def cli(*args: str, cwd: Path, env: dict, timeout: float = 600) -> subprocess.Co
     return subprocess.run([CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def cli_at_once(calls: list[tuple[tuple[str, ...], dict]], cwd: Path) -> list[tuple[subprocess.CompletedProcess, float]]:
+    """Several commands started together, each its own process as from a user's shell: (result, seconds) each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def timed(args, env):
+        t = time.time()
+        return cli(*args, cwd=cwd, env=env, timeout=120), time.time() - t
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(lambda call: timed(*call), calls))
+
+
 def user_env(home: Path, token: str | None) -> dict:
     """A user's shell: no Ray variables, a HOME of its own (no ~/.ray/auth_token unless given), the venv on PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -103,7 +115,8 @@ def test_submit_follow_runs_a_two_node_job_with_relative_paths(head, project):
 
 def test_stop_leaves_no_actor_running_and_list_shows_both_jobs(head, project):
     root, env = project
-    p = cli("submit", "configs/dpo.yaml", "policy.model_name_or_path=models/tiny", "--address", head.dashboard,
+    # SFT: the offline loop with one actor (the policy), for 1000 epochs: running when it is stopped.
+    p = cli("submit", "configs/sft.yaml", "policy.model_name_or_path=models/tiny", "--address", head.dashboard,
             "--job-id", "stop-me", "output_dir=runs/long", "schedule.num_epochs=1000", cwd=root, env=env, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     deadline = time.time() + 300
@@ -132,18 +145,16 @@ def test_stop_leaves_no_actor_running_and_list_shows_both_jobs(head, project):
 def test_token_missing_or_wrong_is_refused_in_one_line(head, project, tmp_path):
     root, env = project
     no_token = user_env(tmp_path, None)
-    for args, env_ in ((("list", "--address", head.dashboard), no_token),
-                       (("list", "--address", head.dashboard), {**no_token, "RAY_AUTH_TOKEN": "wrong"}),
-                       (("submit", "configs/dpo.yaml", "policy.model_name_or_path=models/tiny", "--address", head.dashboard),
-                        no_token)):
-        p = cli(*args, cwd=root, env=env_)
-        assert p.returncode == 2, p.stdout + p.stderr
-        assert p.stderr.startswith("error: the Jobs API at") and "token" in p.stderr and "RAY_AUTH_TOKEN" in p.stderr, p.stderr
-        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
-    t = time.time()
-    p = cli("train", "configs/dpo.yaml", "policy.model_name_or_path=models/tiny", "--address", head.gcs, cwd=root,
-            env=no_token)
-    assert p.returncode == 2 and "refused this client's token" in p.stderr and time.time() - t < 30, p.stderr
+    jobs_api = [(("list", "--address", head.dashboard), no_token),
+                (("list", "--address", head.dashboard), {**no_token, "RAY_AUTH_TOKEN": "wrong"}),
+                (("submit", "configs/dpo.yaml", "policy.model_name_or_path=models/tiny", "--address", head.dashboard), no_token)]
+    gcs = (("train", "configs/dpo.yaml", "policy.model_name_or_path=models/tiny", "--address", head.gcs), no_token)
+    *answers, (p, seconds) = cli_at_once([*jobs_api, gcs], root)
+    for q, _ in answers:
+        assert q.returncode == 2, q.stdout + q.stderr
+        assert q.stderr.startswith("error: the Jobs API at") and "token" in q.stderr and "RAY_AUTH_TOKEN" in q.stderr, q.stderr
+        assert len(q.stderr.strip().splitlines()) == 1, q.stderr
+    assert p.returncode == 2 and "refused this client's token" in p.stderr and seconds < 30, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
@@ -159,9 +170,7 @@ def test_bad_addresses_fail_fast_naming_the_address_and_the_fix(head, project):
         (["list", "--address", f"http://127.0.0.1:{head.port}"], "does not speak HTTP"),
         (["status", "raysubmit_nope", "--address", head.dashboard], "no such job"),
     ]
-    for args, expected in cases:
-        t = time.time()
-        p = cli(*args, cwd=root, env=env, timeout=120)
+    for (args, expected), (p, seconds) in zip(cases, cli_at_once([(args, env) for args, _ in cases], root)):
         assert p.returncode == 2, (args, p.stdout[-2000:], p.stderr[-2000:])
         assert expected in p.stderr and len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
-        assert time.time() - t < 40, (args, time.time() - t)
+        assert seconds < 40, (args, seconds)
