@@ -63,6 +63,12 @@ def engine_storages(engine) -> dict[int, tuple[int, str]]:
     return found
 
 
+def _measure_both(i: int, ports: tuple[int, int], model: str, out: str) -> None:
+    """Process 0 is a one-rank job, processes 1 and 2 the ranks of a two-rank job, all started at once."""
+    world, rank = (1, 0) if i == 0 else (2, i - 1)
+    _measure(rank, world, ports[world - 1], model, f"{out}{world}")
+
+
 def _measure(rank: int, world: int, port: int, model: str, out: str) -> None:
     """One rank: every case in turn, one real SFT update each, measured inside the step."""
     from rlhf_cluster.experience import build_experience
@@ -94,10 +100,15 @@ def _measure(rank: int, world: int, port: int, model: str, out: str) -> None:
     Path(f"{out}.{rank}").write_text(json.dumps(results))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> tuple[int, ...]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:  # all bound at once: n different ports
+            s.bind(("127.0.0.1", 0))
+        return tuple(s.getsockname()[1] for s in socks)
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -109,14 +120,14 @@ def model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("estimate_model"), spec=spec)
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_model_states_match_the_engine(model_dir, tmp_path, world):
+def test_model_states_match_the_engine(model_dir, tmp_path):
+    """1 and 2 data-parallel ranks (three processes, spawned together)."""
     out = str(tmp_path / "measured")
-    mp.spawn(_measure, args=(world, _free_port(), str(model_dir), out), nprocs=world)
+    mp.spawn(_measure_both, args=(_free_ports(2), str(model_dir), out), nprocs=3)
     numels = param_numels(ModelShape.from_dir(model_dir), "lm")
     rows = []
-    for rank in range(world):
-        measured = json.loads(Path(f"{out}.{rank}").read_text())
+    for world, rank in ((1, 0), (2, 0), (2, 1)):
+        measured = json.loads(Path(f"{out}{world}.{rank}").read_text())
         for dtype, stage in CASES:
             m = measured[f"{dtype} {stage}"]
             est = model_states(sum(numels), zero_stage=stage, dp=world, dtype_bytes=DTYPE_BYTES[dtype],
