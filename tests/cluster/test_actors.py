@@ -117,13 +117,33 @@ def test_two_data_parallel_ranks_match_one(two_ranks, tiny_model_dir):
             assert torch.allclose(grads1[name], grads2[name], rtol=1e-4, atol=1e-6), (zero_stage, name)
 
 
-def test_actor_failure_names_role_and_rank(local_ray, tmp_path):
-    group = _group("policy", PolicyActor)
+def test_actor_failure_names_role_and_rank(two_ranks, tmp_path):
+    with pytest.raises(ActorFailure, match=r"policy rank 0 failed during init: .*not a local Hugging Face model directory"):
+        two_ranks["policy"].start_trainers(TrainerSpec(model_path=str(tmp_path / "missing"), micro_batch_size=1,
+                                                       mini_batch_size=2)).get()
+
+
+def test_an_engine_that_died_is_named_when_the_weight_sync_fails(two_ranks, tiny_model_dir):
+    """An engine gone before a gloo sync: policy rank 0 fails sending to it, and the message names the engine. (The
+    policy's ranks, re-initialised after the failed init above, load again; the dead engine's group is the last use.)"""
+    import os
+    import signal
+
+    from rlhf_cluster.cluster.weight_sync import sync_weights
+
+    policy, rollout = two_ranks["policy"], _group("rollout", RolloutActor)
     try:
-        with pytest.raises(ActorFailure, match=r"policy rank 0 failed during init: .*not a local Hugging Face model directory"):
-            group.start_trainers(TrainerSpec(model_path=str(tmp_path / "missing"), micro_batch_size=1, mini_batch_size=1)).get()
+        pending = [policy.start_trainers(trainer_spec(tiny_model_dir)),
+                   rollout.call(RolloutActor.init, EngineSpec(str(tiny_model_dir), max_model_len=64, weight_transfer="gloo"))]
+        for p in pending:
+            p.get()
+        connect_weight_sync(policy, rollout, "gloo", tensor_parallel_size=1, bucket_bytes=1 << 20)
+        os.kill(rollout.placements()[0]["pid"], signal.SIGKILL)
+        with pytest.raises(ActorFailure, match=r"^rollout rank 0 died during weight sync \(") as e:
+            sync_weights(policy, rollout, "gloo", 1)
+        assert e.value.kind == "died" and e.value.who == "rollout rank 0"
     finally:
-        group.shutdown()
+        rollout.shutdown()
 
 
 def test_a_hung_call_stops_naming_the_role_rank_phase_and_setting(local_ray, tmp_path):
