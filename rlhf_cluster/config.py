@@ -438,8 +438,9 @@ class FaultToleranceConfig(_Strict):
 
     max_restarts: int = Field(
         1, ge=0, description="How often a run restarts itself after an actor died (its process killed, out of memory, "
-        "its node lost) or a call ran past cluster.call_timeout_s: every role is shut down and started again, and "
-        "training resumes from the newest checkpoint that verifies (step 0 if there is none), so the steps since that "
+        "its node lost) or a call ran past cluster.call_timeout_s: every role is shut down and started again (the frozen reference and "
+        "reward, when alive and not the one that failed, stay loaded), and training resumes from the newest checkpoint "
+        "that verifies (step 0 if there is none), so the steps since that "
         "checkpoint are redone. An error raised inside an actor (a bad model file, a reward function that raises) would "
         "happen again and is not retried. 0: stop at the first failure. Applies with cluster.backend=ray; with "
         "backend=local every role is in the driver's process and there is nothing to restart.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from rlhf_cluster.cluster.weight_sync import connect_weight_sync, resolve_backen
 SHELLS = {"policy": PolicyActor, "critic": CriticActor, "reward_model": CriticActor, "reference": ReferenceActor,
           "reward": RewardActor, "rollout": RolloutActor}
 TRAINERS = ("policy", "critic", "reward_model")
+FROZEN = ("reference", "reward")  # no training state: a restart after another role's failure can keep them loaded
 
 
 @dataclass
@@ -58,9 +59,23 @@ class Roles:
     def summary(self) -> str:
         return ", ".join(f"{g.role}×{len(g)}" for g in self.all())
 
-    def shutdown(self) -> None:
+    def shutdown(self, keep: tuple[RoleGroup, ...] = ()) -> None:
         for g in reversed(self.all()):  # guests before the hosts whose placement groups they use
-            g.shutdown()
+            if not any(g is k for k in keep):
+                g.shutdown()
+
+    def survivors(self, failure: ActorFailure) -> dict[str, RoleGroup]:
+        """The frozen roles a restart after ``failure`` can keep: not the failed role, alive in every rank, and owning
+        their placement (a colocated guest goes with its host)."""
+        culprit = (failure.who or "").split(" ")[0]
+        if not culprit:
+            return {}  # the failure names no actor: keep nothing
+        out = {}
+        for name in FROZEN:
+            g = self.groups.get(name)
+            if isinstance(g, ActorGroup) and name != culprit and g.owns_pg and not g.dead_ranks():
+                out[name] = g
+        return out
 
     def save_placement(self, path: Path) -> Path:
         """Where every actor runs: ``{"policy": [{"rank", "node_id", "ip", "gpu_ids", "pid"}, ...], ...}``."""
@@ -88,8 +103,10 @@ class Roles:
         return path
 
 
-def start_roles(cfg) -> Roles:
-    """Create every role's actors (or local objects) where the layout places them; nothing is loaded yet."""
+def start_roles(cfg, reuse: dict[str, RoleGroup] | None = None) -> Roles:
+    """Create every role's actors (or local objects) where the layout places them; nothing is loaded yet. ``reuse``:
+    groups of a previous attempt of this run, started and loaded already, taken as they are."""
+    reuse = reuse or {}
     layout = role_layout(cfg)
     local = cfg.cluster.backend == "local"
     if local:
@@ -106,8 +123,9 @@ def start_roles(cfg) -> Roles:
         roles = Roles(use_gpu=use_gpu)
         try:
             for name, spec in layout.items():
-                roles.groups[name] = ActorGroup(spec, SHELLS[name], use_gpu=use_gpu, cpus_per_actor=c.cpus_per_actor,
-                                                host=roles.groups[spec.host] if spec.host else None)
+                roles.groups[name] = reuse.get(name) or ActorGroup(
+                    spec, SHELLS[name], use_gpu=use_gpu, cpus_per_actor=c.cpus_per_actor,
+                    host=roles.groups[spec.host] if spec.host else None)
         except BaseException:
             roles.shutdown()
             raise
@@ -156,10 +174,13 @@ def check_memory(cfg) -> None:
                            + "\n  ".join(plan.problems))
 
 
-def init_roles(roles: Roles, cfg) -> None:
-    """Load every model (all roles concurrently; trainers form their process groups), then connect weight sync."""
+def init_roles(roles: Roles, cfg, loaded: tuple[str, ...] = ()) -> None:
+    """Load every model (all roles concurrently; trainers form their process groups), then connect weight sync.
+    The roles in ``loaded`` are kept from a previous attempt and not loaded again."""
     pending = []
     for name, g in roles.groups.items():
+        if name in loaded:
+            continue
         if name in TRAINERS:
             section = cfg.critic if name == "critic" else cfg.policy
             pending.append(g.start_trainers(trainer_spec(section, cfg.algorithm.mini_batch_size, cfg.seed)))
@@ -203,11 +224,16 @@ def model_paths(cfg) -> dict[str, str]:
 
 
 @contextmanager
-def open_roles(cfg, log=print):
+def open_roles(cfg, log=print, kept: dict[str, RoleGroup] | None = None, restarting=None):
     """Connect (or start a local Ray), start and load every role; shut them down on the way out.
 
-    On an existing cluster the model paths and output_dir are first checked on every node.
+    On an existing cluster the model paths and output_dir are first checked on every node. ``kept``: roles left
+    running by the previous attempt of this run, used instead of new ones; when ``restarting(failure)`` says a failure
+    will be followed by a restart, the frozen roles that survived it are left running and put into ``kept``.
     """
+    reuse = dict(kept or {})
+    if kept is not None:
+        kept.clear()
     if cfg.cluster.backend == "ray":
         from rlhf_cluster.cluster.connect import check_paths_on_nodes, connect, stage_module
 
@@ -218,13 +244,26 @@ def open_roles(cfg, log=print):
         if cfg.cluster.address is not None:
             check_paths_on_nodes(model_paths(cfg), {"output_dir": cfg.output_dir})
     t = time.perf_counter()
-    roles = start_roles(cfg)
     try:
-        init_roles(roles, cfg)
+        roles = start_roles(cfg, reuse)
+    except BaseException:
+        for g in reuse.values():  # start_roles may have shut them down already
+            with suppress(Exception):
+                g.shutdown()
+        raise
+    keep: dict[str, RoleGroup] = {}
+    try:
+        init_roles(roles, cfg, loaded=tuple(reuse))
         roles.budget = thread_budget(cfg, roles)
         log(f"actors ready in {time.perf_counter() - t:.1f} s: {roles.summary()}"
+            + (f" ({', '.join(reuse)} kept loaded from before the restart)" if reuse else "")
             + (f"; threads: {roles.budget.describe()}" if roles.budget else ""))
         roles.save_placement(Path(cfg.output_dir) / "placement.json")
         yield roles
+    except ActorFailure as e:
+        if kept is not None and restarting is not None and restarting(e):
+            keep = roles.survivors(e)
+            kept.update(keep)
+        raise
     finally:
-        roles.shutdown()
+        roles.shutdown(keep=tuple(keep.values()))

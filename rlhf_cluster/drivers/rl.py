@@ -415,14 +415,15 @@ class Restarts:
         """A dead actor or a hung call, restarts left, and no SIGTERM/SIGINT asking the run to stop."""
         return e.restartable and len(self.records) < self.max and STOP.signum is None
 
-    def failed(self, e: ActorFailure, reached: int, ckpt: Path | None) -> None:
+    def failed(self, e: ActorFailure, reached: int, ckpt: Path | None, kept: tuple[str, ...] = ()) -> None:
         self._failed_at = time.perf_counter()
         resumed = _step_of(ckpt)
         self.records.append({"actor": e.who or "an actor", "kind": e.kind, "failed_at_step": reached,
                              "resumed_from_step": resumed, "steps_lost": reached - resumed, "seconds": None})
         what = "timed out" if e.kind == "timeout" else "died"
+        roles = f"every role but {', '.join(kept)} (frozen and alive: kept loaded)" if kept else "every role"
         self.log(f"warning: {e.who or 'an actor'} {what} after step {reached} ({str(e).splitlines()[0]}); restarting "
-                 f"every role and resuming from {ckpt or 'step 0 (no checkpoint yet)'} (automatic restart "
+                 f"{roles} and resuming from {ckpt or 'step 0 (no checkpoint yet)'} (automatic restart "
                  f"{len(self.records)} of {self.max}, fault_tolerance.max_restarts)")
 
     def resumed(self) -> None:
@@ -450,8 +451,9 @@ def _step_of(ckpt: Path | None) -> int:
 def run_rl(cfg: RunConfig, step: Step, resume: bool = False, log=print) -> dict:
     """Validate, start the roles, train with ``step``, and shut down. Returns a summary dict.
 
-    When an actor dies or a call hangs (:class:`Restarts`), every role is shut down and started again and
-    training resumes from the newest checkpoint that verifies; the run holds ``output_dir``'s lock throughout.
+    When an actor dies or a call hangs (:class:`Restarts`), every role is shut down and started again (but the frozen
+    scorers that survived it, which are kept loaded) and training resumes from the newest checkpoint that verifies;
+    the run holds ``output_dir``'s lock throughout.
     """
     preflight(cfg)
     ckpt = resumable_checkpoint(cfg.output_dir, log) if resume else None  # verified once, before any actor starts
@@ -465,11 +467,12 @@ def run_rl(cfg: RunConfig, step: Step, resume: bool = False, log=print) -> dict:
     probes = load_probes(cfg, tokenizer, log)
     restarts = Restarts(cfg.fault_tolerance.max_restarts if cfg.cluster.backend == "ray" else 0, log)
     pristine = copy.deepcopy(step)  # the step's state at step 0, for a restart with no checkpoint to resume
+    kept: dict = {}  # frozen roles that outlived a failure, reused by the restart
     with RunLock(cfg.output_dir):
         while True:
             run = None
             try:
-                with open_roles(cfg, log) as roles:
+                with open_roles(cfg, log, kept, restarting=restarts.allow) as roles:
                     run = RLRun(cfg, roles, tokenizer, train, held, step, log, probes)
                     summary = run.fit(resume_from=ckpt, on_start=restarts.resumed)
                     summary.update(roles.save_diagnostics(Path(cfg.output_dir), log))
@@ -480,5 +483,5 @@ def run_rl(cfg: RunConfig, step: Step, resume: bool = False, log=print) -> dict:
                     raise
                 reached = max(run.step if run else 0, _step_of(ckpt))
                 ckpt = resumable_checkpoint(cfg.output_dir, log)
-                restarts.failed(e, reached, ckpt)
+                restarts.failed(e, reached, ckpt, kept=tuple(kept))
                 step = copy.deepcopy(pristine)

@@ -53,6 +53,7 @@ class KillAt(threading.Thread):
         super().__init__(daemon=True)
         self.out, self.schedule = out, list(schedule)
         self.lines: dict[int, dict] = {}
+        self.placed: dict | None = None  # placement.json as it was at the first kill
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -61,16 +62,18 @@ class KillAt(threading.Thread):
                 seen = [m for m in lines(self.out) if m["step"] == step]
                 if seen:
                     self.lines[step] = seen[0]
-                    pid = json.loads((self.out / "placement.json").read_text())[role][0]["pid"]
-                    os.kill(pid, signal.SIGKILL)
+                    placed = json.loads((self.out / "placement.json").read_text())
+                    self.placed = self.placed or placed
+                    os.kill(placed[role][0]["pid"], signal.SIGKILL)
                     break
                 time.sleep(0.005)
 
 
 def test_killed_actors_are_restarted_from_the_last_checkpoint(local_ray, tiny_model_dir, tmp_path):
-    """The policy and the rollout engine (vLLM) both killed after step 3: every role is restarted from the newest
-    checkpoint (step 2), the lost step is redone, and its metrics equal the lost ones. (One restart for both keeps
-    the suite's budget; how Restarts counts failures is tested in tests/unit/test_faults.py.)"""
+    """The policy and the rollout engine (vLLM) both killed after step 3: they are restarted from the newest
+    checkpoint (step 2) while the frozen reference and reward actors, alive, are kept loaded; the lost step is redone,
+    and its metrics equal the lost ones. (One restart for both keeps the suite's budget; how Restarts counts failures
+    is tested in tests/unit/test_faults.py.)"""
     out = tmp_path / "run"
     killer = KillAt(out, [(3, "policy"), (3, "rollout")])
     killer.start()
@@ -90,6 +93,11 @@ def test_killed_actors_are_restarted_from_the_last_checkpoint(local_ray, tiny_mo
     assert 0 < first["seconds"] < wall, summary["restarts"]
     warned = [x for x in said if x.startswith(f"warning: {first['actor']} died after step 3")]
     assert warned and "step_000002" in warned[0] and "automatic restart 1 of 1" in warned[0], said
+    assert "restarting every role but reference, reward (frozen and alive: kept loaded)" in warned[0], warned[0]
+    placed = json.loads((out / "placement.json").read_text())  # rewritten by the restart
+    for role, same in (("reference", True), ("reward", True), ("policy", False), ("rollout", False)):
+        assert (placed[role][0]["pid"] == killer.placed[role][0]["pid"]) == same, (role, placed, killer.placed)
+    assert any("(reference, reward kept loaded from before the restart)" in x for x in said), said
     assert any(x.startswith("recovered in ") and "resumed at step 2, 1 step lost" in x for x in said), said
     metrics = lines(out)
     assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4]  # each step once: the lost step's line was replaced
