@@ -120,7 +120,8 @@ def test_two_data_parallel_ranks_match_one(two_ranks, tiny_model_dir):
 
 
 def test_actor_failure_names_role_and_rank(two_ranks, tmp_path):
-    with pytest.raises(ActorFailure, match=r"policy rank 0 failed during init: .*not a local Hugging Face model directory"):
+    """Both ranks fail the same way: the one whose error came back first is named."""
+    with pytest.raises(ActorFailure, match=r"policy rank [01] failed during init: .*not a local Hugging Face model directory"):
         two_ranks["policy"].start_trainers(TrainerSpec(model_path=str(tmp_path / "missing"), micro_batch_size=1,
                                                        mini_batch_size=2)).get()
 
