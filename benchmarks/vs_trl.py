@@ -51,7 +51,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).parent / "rlhf-cluster"
 DATA = REPO / "rlhf_cluster" / "configs" / "data"
-SEED = 0
+SEED = 0  # the models' and the reward model's init; a run's own seed is --seeds
 GRPO = {  # the tiny workload, and a generation-heavy one on a ~26M model that does not stop early
     "grpo": dict(steps=30, prompts=4, samples=8, new_tokens=16, beta=0.04, lr=1e-4, model="small"),
     "grpo_long": dict(steps=8, prompts=4, samples=8, new_tokens=128, beta=0.04, lr=1e-4, model="26m"),
@@ -150,7 +150,7 @@ def first_last(xs: list[float], k: int = 5) -> tuple[float, float]:
 # --------------------------------------------------------------------------- TRL (child processes)
 
 
-def trl_grpo(model: str, out: str, workload: str) -> dict:
+def trl_grpo(model: str, out: str, workload: str, seed: int = SEED) -> dict:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -164,7 +164,7 @@ def trl_grpo(model: str, out: str, workload: str) -> dict:
 
     g = GRPO[workload]
     args = GRPOConfig(
-        output_dir=out, seed=SEED, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
+        output_dir=out, seed=seed, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
         disable_tqdm=True, max_steps=g["steps"], per_device_train_batch_size=g["prompts"] * g["samples"],
         num_generations=g["samples"], max_completion_length=g["new_tokens"], temperature=1.0, beta=g["beta"],
         learning_rate=g["lr"], lr_scheduler_type="constant", adam_beta2=0.95, max_grad_norm=1.0, num_iterations=1,
@@ -178,7 +178,7 @@ def trl_grpo(model: str, out: str, workload: str) -> dict:
             "curve": rewards}
 
 
-def trl_dpo(model: str, out: str, workload: str = "dpo") -> dict:
+def trl_dpo(model: str, out: str, workload: str = "dpo", seed: int = SEED) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -186,7 +186,7 @@ def trl_dpo(model: str, out: str, workload: str = "dpo") -> dict:
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in jsonl(DATA / "prefs_train.jsonl")]
     d = DPO
     args = DPOConfig(
-        output_dir=out, seed=SEED, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
+        output_dir=out, seed=seed, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
         disable_tqdm=True, num_train_epochs=1, per_device_train_batch_size=d["pairs_per_step"], beta=d["beta"],
         learning_rate=d["lr"], lr_scheduler_type="constant", adam_beta2=0.95, max_grad_norm=1.0,
         max_length=d["max_length"], dataloader_num_workers=0)
@@ -204,7 +204,7 @@ def need_trl_ppo() -> None:
                          f"(pip install --no-deps --target {TRL_PPO} trl==1.12.0)")
 
 
-def trl_ppo(model: str, out: str, workload: str = "ppo") -> dict:
+def trl_ppo(model: str, out: str, workload: str = "ppo", seed: int = SEED) -> dict:
     need_trl_ppo()
     sys.path.insert(0, str(TRL_PPO))
     import types
@@ -226,7 +226,7 @@ def trl_ppo(model: str, out: str, workload: str = "ppo") -> dict:
     rows = [{"input_ids": ids(r["prompt"])} for r in jsonl(DATA / "demo_prompts.jsonl")]
     p = PPO
     args = PPOConfig(
-        output_dir=out, seed=SEED, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
+        output_dir=out, seed=seed, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
         disable_tqdm=True, total_episodes=p["steps"] * p["rollouts"], per_device_train_batch_size=p["rollouts"],
         gradient_accumulation_steps=1, num_mini_batches=1, local_rollout_forward_batch_size=p["rollouts"],
         num_ppo_epochs=p["epochs"], response_length=p["new_tokens"], temperature=1.0, stop_token="eos",
@@ -249,8 +249,8 @@ def trl_ppo(model: str, out: str, workload: str = "ppo") -> dict:
 # --------------------------------------------------------------------------- ours
 
 
-def ours_cmd(workload: str, model: str, out: str) -> list[str]:
-    common = [f"policy.model_name_or_path={model}", f"output_dir={out}", f"seed={SEED}", "--overwrite"]
+def ours_cmd(workload: str, model: str, out: str, seed: int = SEED) -> list[str]:
+    common = [f"policy.model_name_or_path={model}", f"output_dir={out}", f"seed={seed}", "--overwrite"]
     if workload in GRPO:
         g = GRPO[workload]
         return [str(CLI), "train", "grpo", *common, f"rollout.n_samples_per_prompt={g['samples']}",
@@ -299,13 +299,13 @@ def ours_result(workload: str, out: Path) -> dict:
 # --------------------------------------------------------------------------- the table
 
 
-def one_run(side: str, workload: str, model: Path, out: Path, i: int) -> dict:
-    run_dir = out / f"{workload}_{side}_{i}"
+def one_run(side: str, workload: str, model: Path, out: Path, i: int, seed: int = SEED) -> dict:
+    run_dir = out / f"{workload}_{side}_{i}" if seed == SEED else out / f"{workload}_{side}_{i}_seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     if side == "trl":
-        cmd = [sys.executable, __file__, "--child", workload, "--model", str(model), "--out", str(run_dir)]
+        cmd = [sys.executable, __file__, "--child", workload, "--model", str(model), "--out", str(run_dir), "--seeds", str(seed)]
     else:
-        cmd = ours_cmd(workload, str(model), str(run_dir))
+        cmd = ours_cmd(workload, str(model), str(run_dir), seed)
     wall, mem, stdout = run_measured(cmd, run_dir / "log.txt")
     if side == "trl":
         res = json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("{")))
@@ -315,7 +315,8 @@ def one_run(side: str, workload: str, model: Path, out: Path, i: int) -> dict:
     res.update(side=side, workload=workload, process_wall=wall, peak_gib=mem, first5=first, last5=last,
                samples_per_s=res["samples"] / res["train_wall"])
     res.pop("curve")
-    print(f"  {workload:5s} {side:4s} run {i}: train {res['train_wall']:6.1f} s  process {wall:6.1f} s  "
+    res["seed"] = seed
+    print(f"  {workload:5s} {side:4s} run {i} seed {seed}: train {res['train_wall']:6.1f} s  process {wall:6.1f} s  "
           f"{res['samples_per_s']:6.1f} samples/s  peak {mem:4.2f} GiB  outcome {first:+.3f} -> {last:+.3f}", flush=True)
     return res
 
@@ -323,20 +324,23 @@ def one_run(side: str, workload: str, model: Path, out: Path, i: int) -> dict:
 def table(results: list[dict]) -> str:
     lines = ["| workload | side | train wall s | process wall s | samples/s | peak memory GiB | outcome (first 5 → last 5) |",
              "|---|---|---|---|---|---|---|"]
-    ratios = ["", "| workload | train throughput ours/TRL | process wall TRL/ours | peak memory ours/TRL |", "|---|---|---|---|"]
+    ratios = ["", "| workload | train throughput ours/TRL | process wall TRL/ours | peak memory ours/TRL | "
+              "outcome rise (last 5 − first 5, mean over runs) TRL, ours |", "|---|---|---|---|---|"]
     for w in dict.fromkeys(r["workload"] for r in results):
         agg = {}
         for side in ("trl", "ours"):
             rs = [r for r in results if r["workload"] == w and r["side"] == side]
             med = {k: statistics.median(r[k] for r in rs) for k in ("train_wall", "process_wall", "samples_per_s", "peak_gib")}
+            med["rise"] = statistics.mean(r["last5"] - r["first5"] for r in rs)
             rng = f" ({min(r['train_wall'] for r in rs):.1f}–{max(r['train_wall'] for r in rs):.1f})" if len(rs) > 1 else ""
-            outcome = ", ".join(f"{r['first5']:+.3f} → {r['last5']:+.3f}" for r in rs)
+            seeds = len({r["seed"] for r in rs}) > 1
+            outcome = ", ".join(f"{r['first5']:+.3f} → {r['last5']:+.3f}" + (f" (seed {r['seed']})" if seeds else "") for r in rs)
             lines.append(f"| {w} | {'TRL' if side == 'trl' else 'rlhf_cluster'} | {med['train_wall']:.1f}{rng} | "
                          f"{med['process_wall']:.1f} | {med['samples_per_s']:.1f} | {med['peak_gib']:.2f} | {outcome} |")
             agg[side] = med
         t, o = agg["trl"], agg["ours"]
         ratios.append(f"| {w} | {o['samples_per_s'] / t['samples_per_s']:.2f}× | {t['process_wall'] / o['process_wall']:.2f}× | "
-                      f"{o['peak_gib'] / t['peak_gib']:.2f}× |")
+                      f"{o['peak_gib'] / t['peak_gib']:.2f}× | {t['rise']:+.3f}, {o['rise']:+.3f} |")
     return "\n".join(lines + ratios)
 
 
@@ -345,12 +349,14 @@ def main(argv=None) -> None:
     p.add_argument("--workloads", nargs="+", default=["grpo", "dpo", "ppo"], choices=WORKLOADS,
                    help="grpo_long (8 steps of 128 new tokens on a ~26M model) takes several minutes per side")
     p.add_argument("--repeats", type=int, default=1, help="runs per side and workload, alternated TRL, ours, TRL, ...")
+    p.add_argument("--seeds", type=int, nargs="+", default=[SEED], help="each run's seed (sampling, shuffling; the "
+                   "models' init stays fixed): several give the learning outcome's spread, alternated TRL, ours per seed")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_trl"))
     p.add_argument("--child", choices=WORKLOADS, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:  # one TRL run in this fresh process: its result as the last stdout line
-        res = (trl_grpo if a.child in GRPO else trl_ppo if a.child == "ppo" else trl_dpo)(a.model, a.out, a.child)
+        res = (trl_grpo if a.child in GRPO else trl_ppo if a.child == "ppo" else trl_dpo)(a.model, a.out, a.child, a.seeds[0])
         print(json.dumps(res))
         return
     try:
@@ -361,7 +367,7 @@ def main(argv=None) -> None:
     ppo = " (ppo: TRL 1.12's PPO trainer, from .venv/trl-1.12)" if "ppo" in a.workloads else ""
     if ppo:
         need_trl_ppo()
-    print(f"TRL {trl.__version__}{ppo}; alternating TRL and ours, {a.repeats} run(s) each")
+    print(f"TRL {trl.__version__}{ppo}; alternating TRL and ours, {a.repeats} run(s) each per seed {a.seeds}")
     results = []
     for w in a.workloads:
         shape = GRPO[w]["model"] if w in GRPO else "small"
@@ -370,8 +376,9 @@ def main(argv=None) -> None:
             build_reward_model(model, out / "model_rm")
         print(f"{w}: model {model} ({sum(math.prod(x) for x in _shapes(model)) / 1e6:.1f}M params)", flush=True)
         for i in range(a.repeats):
-            for side in ("trl", "ours"):
-                results.append(one_run(side, w, model, out, i))
+            for seed in a.seeds:
+                for side in ("trl", "ours"):
+                    results.append(one_run(side, w, model, out, i, seed))
     text = table(results)
     (out / "vs_trl.json").write_text(json.dumps(results, indent=1))
     (out / "vs_trl.md").write_text(text + "\n")
