@@ -280,7 +280,10 @@ class AlgorithmConfig(_Strict):
     value_clip: float | None = Field(0.2, description="Critic value clip ε, or null for an unclipped loss.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
     mini_batch_size: int = Field(
-        16, ge=1, description="Sequences (offline stages: examples or pairs) per optimizer step, all ranks together.")
+        16, ge=1, description="Sequences (offline stages: examples or pairs) per optimizer step, all ranks together. "
+        "RL: when it holds the whole step (prompts_per_step × n_samples_per_prompt) and the KL is not in the reward, "
+        "the update's first forward gives the old log-probs (metrics: actor/old_logprobs_reused) and the separate "
+        "old-log-prob forward is skipped.")
     kl_penalty: Literal["auto", "reward", "loss"] = Field(
         "auto", description="Where β·KL(π‖π_ref) goes. reward: subtracted from each token's reward before the advantages "
         "(Ziegler et al. 2019; InstructGPT). loss: added to the policy loss, aggregated like it (the GRPO paper, Shao "

@@ -38,10 +38,10 @@ class PPOStep:
         self.coef = self.kl_ctl.value
         self.kl_in_loss = a.uses_kl and a.kl_penalty == "loss"
         self.kl_in_reward = a.uses_kl and a.kl_penalty == "reward"
-        # One epoch over one mini-batch is exactly on-policy: the update's own forward gives the old log-probs,
-        # unless the KL in the reward needs them before the advantages.
+        # One mini-batch per epoch: the update's first forward runs before any optimizer step, so it gives the old
+        # log-probs (for every epoch), unless the KL in the reward needs them before the advantages.
         self.off_policy = a.off_policy_steps == 1
-        self.reuse_old = (a.ppo_epochs == 1 and cfg.schedule.prompts_per_step * self.n == a.mini_batch_size
+        self.reuse_old = (cfg.schedule.prompts_per_step * self.n == a.mini_batch_size
                           and not self.kl_in_reward and not self.off_policy)
         self.ahead: Generation | None = None  # off_policy_steps=1: the next step's samples, in flight
 

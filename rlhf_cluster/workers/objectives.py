@@ -32,6 +32,9 @@ def register_objective(name: str):
     return deco
 
 
+OWN_LOGPROBS = "own_logprobs"  # a stats key that is no stat: the (B, A) log-probs a first forward took as the old ones
+
+
 def get_objective(name: str) -> Callable:
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid: {sorted(OBJECTIVES)}")
@@ -50,10 +53,11 @@ def ppo_objective(model, m: Experience, *, policy_loss, policy_loss_params, loss
     """A registered policy loss (algos.ppo.POLICY_LOSSES) aggregated by ``loss_agg_mode``, minus the entropy bonus,
     plus β·KL(π_θ‖π_ref) when ``kl_coef`` > 0 (the batch then carries ref_logprobs: the KL in the loss).
 
-    Without ``m.old_logprobs`` the update is exactly on-policy (one epoch, one mini-batch: every micro-batch
-    runs before the optimizer step), so π_θold is this forward's π_θ, detached: the separate old-log-prob
-    forward is saved and the ratio is 1 with the policy gradient's value. The entropy gets a gradient only
-    when it is in the loss; otherwise it is measured without one.
+    Without ``m.old_logprobs`` this forward runs before the update's first optimizer step (one mini-batch: every
+    micro-batch runs before it), so π_θold is this forward's π_θ, detached: the separate old-log-prob forward is
+    saved and the ratio is 1 with the policy gradient's value. Those log-probs go back to the trainer (stats'
+    ``OWN_LOGPROBS``) as the old log-probs of any later epoch. The entropy gets a gradient only when it is in
+    the loss; otherwise it is measured without one.
     """
     logp, ent = action_logprobs_and_entropy(model, m.input_ids, m.attention_mask, m.num_actions, with_entropy=True,
                                             entropy_grad=entropy_coef > 0)
@@ -67,8 +71,10 @@ def ppo_objective(model, m: Experience, *, policy_loss, policy_loss_params, loss
         kl = kl_loss(logp, m.ref_logprobs, m.action_mask, kl_estimator, loss_agg_mode)
         loss = loss + kl_coef * kl
         stats["kl_loss"] = kl.detach()
-    if m.old_logprobs is None and m.rollout_logprobs is not None:  # the engine's view of the same tokens
-        stats["logprob_mismatch"] = masked_mean((logp.detach() - m.rollout_logprobs).abs(), m.action_mask)
+    if m.old_logprobs is None:
+        stats[OWN_LOGPROBS] = old
+        if m.rollout_logprobs is not None:  # the engine's view of the same tokens
+            stats["logprob_mismatch"] = masked_mean((old - m.rollout_logprobs).abs(), m.action_mask)
     return loss, stats
 
 

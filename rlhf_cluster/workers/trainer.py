@@ -11,6 +11,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from rlhf_cluster.models import (
     token_values,
 )
 from rlhf_cluster.workers import rendezvous
-from rlhf_cluster.workers.objectives import get_objective
+from rlhf_cluster.workers.objectives import OWN_LOGPROBS, get_objective
 
 
 class NonFiniteError(FloatingPointError):
@@ -217,6 +218,10 @@ class _DeepSpeedTrainer:
         per_rank = self.mini_batch_size // self.world_size
         if batch.batch_size % per_rank:
             raise ValueError(f"rank shard of {batch.batch_size} examples is not a multiple of the per-rank mini-batch {per_rank}")
+        if objective == "ppo" and batch.old_logprobs is None and batch.batch_size != per_rank:
+            raise ValueError(f"a ppo update without old log-probs takes them from its first forward, which needs the "
+                             f"rank's {batch.batch_size} rows in one mini-batch (per-rank mini-batch: {per_rank})")
+        own: list[torch.Tensor] = []  # the first epoch's own log-probs, when the batch came without old ones
         self.engine.train()
         sums: dict[str, float] = {}
         n = 0
@@ -234,6 +239,8 @@ class _DeepSpeedTrainer:
                 bad_loss = ""
                 for j, micro in enumerate(micros):
                     loss, stats = fn(self.engine, micro, **hparams)
+                    if OWN_LOGPROBS in stats:
+                        own.append(stats.pop(OWN_LOGPROBS))
                     if torch.isfinite(loss):
                         for k, v in {"loss": loss.detach(), **stats}.items():
                             sums[k] = sums.get(k, 0.0) + float(v)
@@ -276,6 +283,10 @@ class _DeepSpeedTrainer:
                     raise NonFiniteError(f"{bad_loss} in {objective} update {self.update_count + 1}, and the "
                                          "optimizer step was applied, so the weights are no longer valid: resume "
                                          f"from the last checkpoint. {NONFINITE_HINT}")
+            if own and epochs > 1:  # one mini-batch, stepped once: its forward was π_θold for every later epoch
+                old = torch.empty_like(batch.action_mask, dtype=own[0].dtype)
+                old[order] = torch.cat(own).to(old.device)
+                batch, own = replace(batch, old_logprobs=old), []
         self.update_count += 1
         out = {k: v / n for k, v in sums.items()} if n else {}
         out["skipped_steps"] = skipped
@@ -307,6 +318,7 @@ class _DeepSpeedTrainer:
         sums: dict[str, float] = {}
         for micro in self._micro_batches(batch):
             loss, stats = fn(self.engine, micro, **hparams)
+            stats.pop(OWN_LOGPROBS, None)
             for k, v in {"loss": loss, **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * micro.batch_size
         return {k: v / batch.batch_size for k, v in sums.items()}

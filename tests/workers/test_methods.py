@@ -319,6 +319,9 @@ def test_a_step_with_a_nan_reward_is_skipped_and_the_run_goes_on(tiny_model_dir,
     lines = metrics(out)
     assert [m["step"] for m in lines] == [1, 2, 3] and [m.get("step/skipped") for m in lines] == [None, 1, None]
     assert "reward/mean" in lines[0] and "actor/loss" in lines[2]
+    # 2 epochs (grpo.yaml) over one mini-batch of 16: the update's first forward gave the old log-probs
+    assert lines[0]["actor/old_logprobs_reused"] == lines[2]["actor/old_logprobs_reused"] == 1.0
+    assert lines[0]["actor/optimizer_steps"] == 2
     assert not any(k.startswith(("reward/", "actor/")) for k in lines[1])
     assert ("warning: step 2: skipped, since reward.function='flaky:flaky' returned nan for 1 of 16 responses (the "
             "first: response 5, to the prompt ") in capsys.readouterr().out

@@ -34,6 +34,30 @@ def test_on_policy_update_reuses_its_forward_and_matches_the_separate_old_logpro
     assert torch.allclose(a.logprobs(exp), b.logprobs(exp), atol=1e-6)  # the same step was taken
 
 
+def test_several_epochs_over_one_mini_batch_take_the_old_logprobs_from_the_first_forward(tiny_model_dir):
+    """Two epochs of one mini-batch without old log-probs: the first epoch's forward (before any step) serves as
+    π_θold for the second, so both optimizer steps match an update given them from a separate forward."""
+    exp = random_batch(seed=5)
+    a, b = _trainer(tiny_model_dir), _trainer(tiny_model_dir)
+    old = a.logprobs(exp)
+    two = {**PPO, "epochs": 2, "capture_grads": False}
+    given = a.update(_with(exp, old_logprobs=old), **two)
+    reused = b.update(_with(exp, rollout_logprobs=old), **two)
+    assert given["optimizer_steps"] == reused["optimizer_steps"] == 2
+    assert reused["loss"] == pytest.approx(given["loss"], rel=1e-5, abs=1e-7)
+    assert reused["ratio_mean"] == pytest.approx(given["ratio_mean"], rel=1e-6) and given["ratio_mean"] != 1.0  # epoch 2 moved
+    assert torch.allclose(a.logprobs(exp), b.logprobs(exp), atol=1e-5)  # the same two steps were taken
+    assert not torch.allclose(a.logprobs(exp), old, atol=1e-3)
+
+
+def test_an_update_without_old_logprobs_over_several_mini_batches_is_refused(tiny_model_dir):
+    exp = random_batch(seed=6)
+    t = PolicyTrainer(model_path=str(tiny_model_dir), zero_stage=0, micro_batch_size=4, mini_batch_size=4,
+                      learning_rate=1e-2, seed=0)
+    with pytest.raises(ValueError, match="one mini-batch"):
+        t.update(_with(exp, rollout_logprobs=t.logprobs(exp)), **PPO)
+
+
 def test_kl_in_the_loss_adds_beta_times_the_kl_term(tiny_model_dir):
     exp = random_batch(seed=4)
     t = _trainer(tiny_model_dir)
